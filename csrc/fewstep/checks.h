@@ -1,0 +1,39 @@
+// Input checks shared by every op's torch glue. Each failure names the argument, what was
+// expected and what was given; TORCH_CHECK_TYPE/VALUE surface as Python TypeError/ValueError.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <string>
+
+namespace fewstep {
+
+inline void check_float_tensor(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.defined(), name, ": expected a tensor, got an undefined tensor");
+  const auto dt = t.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
+                   name, ": expected dtype float16, bfloat16, float32 or float64, got ", dt);
+  TORCH_CHECK_VALUE(t.numel() > 0, name, ": expected a non-empty tensor, got shape ", t.sizes());
+}
+
+// `t` must have the shape, dtype and device of `ref`.
+inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), name, ": expected shape ", ref.sizes(), " (the shape of ",
+                    ref_name, "), got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name, ": expected dtype ", ref.scalar_type(),
+                   " (the dtype of ", ref_name, "), got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == ref.device(), name, ": expected device ", ref.device(), " (the device of ",
+                    ref_name, "), got ", t.device());
+}
+
+inline void check_like(const c10::optional<at::Tensor>& t, const char* name, const at::Tensor& ref,
+                       const char* ref_name) {
+  if (t.has_value()) check_like(*t, name, ref, ref_name);
+}
+
+inline void check_finite(double v, const char* name) {
+  TORCH_CHECK_VALUE(std::isfinite(v), name, ": expected a finite number, got ", v);
+}
+
+}  // namespace fewstep

@@ -1,0 +1,25 @@
+"""fewstep: few-step diffusion — distillation methods on hand-written kernels."""
+from __future__ import annotations
+
+import torch  # noqa: F401  (loads libtorch before the extension that links it)
+
+try:
+    from fewstep import _C  # loading it registers torch.ops.fewstep.*
+    _C_error = None
+except ImportError as e:  # reported by the dispatcher when a compiled backend is asked for
+    _C = None
+    _C_error = f"{type(e).__name__}: {e}"
+
+from fewstep._dispatch import BACKENDS, BackendUnavailableError, backend
+from fewstep import ops, samplers
+
+__version__ = "0.1.0"
+
+__all__ = ["BACKENDS", "BackendUnavailableError", "backend", "build_info", "ops", "samplers"]
+
+
+def build_info() -> dict:
+    """How fewstep._C was built (torch version, CUDA, archs, compiler), or why it is missing."""
+    if _C is None:
+        return {"error": _C_error}
+    return dict(_C.build_info())

@@ -1,0 +1,100 @@
+"""Which backend runs an op: one place decides, users can force one.
+
+Backends: ``cpu`` (C++ kernels in ``fewstep._C``), ``cuda`` (CUDA C++ in ``fewstep._C``),
+``triton`` (Triton kernels; on CPU tensors only under ``TRITON_INTERPRET=1``) and
+``reference`` (pure PyTorch, always available, slow). ``auto`` picks the compiled kernel
+for the tensor's device, or the op's preferred GPU backend.
+
+Force one with ``with fewstep.backend("triton"): ...`` or ``FEWSTEP_BACKEND=triton``.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib.util
+import os
+from typing import Iterator, Optional
+
+import torch
+
+BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
+
+_forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("fewstep_backend", default=None)
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run here; the message says why."""
+
+
+def _validate(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source}: expected one of {list(BACKENDS)}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """Force the backend of every fewstep op called inside the block."""
+    token = _forced.set(_validate(name, "fewstep.backend(name)"))
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def requested_backend() -> str:
+    forced = _forced.get()
+    if forced is not None:
+        return forced
+    return _validate(os.environ.get("FEWSTEP_BACKEND", "auto"), "FEWSTEP_BACKEND")
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
+    """Why backend ``name`` cannot run on ``device``, or None if it can."""
+    from fewstep import _C_error, _C
+    if name == "reference":
+        return None
+    if name == "cpu":
+        if device.type != "cpu":
+            return f"the 'cpu' backend runs on CPU tensors, got tensors on {device}"
+        if _C is None:
+            return f"the compiled extension fewstep._C failed to load: {_C_error}"
+        return None
+    if name == "cuda":
+        if device.type != "cuda":
+            return f"the 'cuda' backend runs on CUDA tensors, got tensors on {device}"
+        if _C is None:
+            return f"the compiled extension fewstep._C failed to load: {_C_error}"
+        if not _C.build_info()["cuda"]:
+            return ("fewstep._C was built without CUDA (rebuild with FEWSTEP_CUDA=1 against a CUDA "
+                    "build of torch with nvcc on PATH)")
+        return None
+    if name == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and _triton_interpreted():
+            return None
+        return (f"the 'triton' backend runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), "
+                f"got tensors on {device}")
+    raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {name!r}")
+
+
+def select(op: str, device: torch.device, gpu_default: str = "cuda") -> str:
+    """The backend that runs ``op`` on ``device``; raises if a forced one cannot."""
+    name = requested_backend()
+    if name == "auto":
+        name = gpu_default if device.type == "cuda" else "cpu"
+        if unavailable_reason(name, device) is None:
+            return name
+        if device.type == "cuda" and unavailable_reason("triton", device) is None:
+            return "triton"
+    reason = unavailable_reason(name, device)
+    if reason is not None:
+        raise BackendUnavailableError(f"fewstep.{op}: backend {name!r} is unavailable: {reason}")
+    return name

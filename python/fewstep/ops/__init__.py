@@ -1,0 +1,4 @@
+"""Public wrappers of fewstep's ops: checks, backend choice, then ``torch.ops.fewstep.*``."""
+from fewstep.ops.sampler_step import StepCoeffs, cfg_rescale_factor, sampler_step
+
+__all__ = ["StepCoeffs", "cfg_rescale_factor", "sampler_step"]

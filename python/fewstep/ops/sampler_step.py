@@ -1,0 +1,135 @@
+"""``fewstep.ops.sampler_step``: one fused launch per few-step sampler update.
+
+Semantics: :mod:`fewstep.reference.sampler_step`. Backends: ``torch.ops.fewstep.sampler_step``
+(C++ CPU and CUDA kernels, csrc/sampler_step/) and ``torch.ops.fewstep.sampler_step_triton``
+(python/fewstep/triton/sampler_step.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Union
+
+import torch
+
+from fewstep import _C, _checks, _dispatch
+from fewstep.reference.sampler_step import (COEFF_NAMES, cfg_rescale_factor_reference,
+                                            sampler_step_reference)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCoeffs:
+    """Scalar coefficients of one step (see :mod:`fewstep.reference.sampler_step`)."""
+
+    k_churn: float = 0.0
+    a_x: float = 0.0
+    a_m: float = 0.0
+    e_x: float = 0.0
+    e_m: float = 0.0
+    e_0: float = 0.0
+    o_x: float = 0.0
+    o_m: float = 0.0
+    o_0: float = 0.0
+    o_e: float = 0.0
+    o_p: float = 0.0
+    o_z: float = 0.0
+    d_x: float = 0.0
+    d_0: float = 0.0
+
+    def as_list(self) -> list[float]:
+        return [float(getattr(self, n)) for n in COEFF_NAMES]
+
+
+assert tuple(f.name for f in dataclasses.fields(StepCoeffs)) == COEFF_NAMES
+
+
+def _fake_outputs(x: torch.Tensor, return_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    x0 = torch.empty_like(x, memory_format=torch.contiguous_format) if return_x0 else x.new_empty(0)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x0
+
+
+if _C is not None:
+    @torch.library.register_fake("fewstep::sampler_step")
+    def _sampler_step_fake(x, model_output, model_output_uncond, noise, prev_x0, cfg_rescale,
+                           coeffs, guidance_scale, clip_x0, return_x0):
+        return _fake_outputs(x, return_x0)
+
+    @torch.library.register_fake("fewstep::cfg_rescale_factor")
+    def _cfg_rescale_factor_fake(model_output, model_output_uncond, guidance_scale, guidance_rescale):
+        return model_output.new_empty(model_output.shape[0], dtype=torch.float32)
+
+
+def cfg_rescale_factor(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float,
+                       guidance_rescale: float) -> torch.Tensor:
+    """Per-sample float32 factor ``phi * std(cond) / std(guided) + 1 - phi`` of CFG rescale."""
+    _checks.check_tensor("cond", cond)
+    _checks.check_like("uncond", uncond, "cond", cond)
+    if cond.dim() < 2:
+        raise ValueError(f"cond: expected a batched tensor [B, ...] with at least 2 dims, got shape "
+                         f"{tuple(cond.shape)}")
+    _checks.check_finite("guidance_scale", guidance_scale)
+    _checks.check_finite("guidance_rescale", guidance_rescale)
+    # A small reduction with no Triton kernel: a forced 'triton' runs the compiled one.
+    name = _dispatch.select("cfg_rescale_factor", cond.device)
+    if name == "reference" or (name == "triton" and _C is None):
+        return cfg_rescale_factor_reference(cond, uncond, guidance_scale, guidance_rescale)
+    return torch.ops.fewstep.cfg_rescale_factor(cond, uncond, float(guidance_scale),
+                                                float(guidance_rescale))
+
+
+def sampler_step(
+    x: torch.Tensor,
+    model_output: torch.Tensor,
+    coeffs: StepCoeffs,
+    *,
+    uncond: Optional[torch.Tensor] = None,
+    guidance_scale: float = 1.0,
+    guidance_rescale: float = 0.0,
+    noise: Optional[torch.Tensor] = None,
+    prev_x0: Optional[torch.Tensor] = None,
+    clip_x0: float = math.inf,
+    return_x0: bool = False,
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """One fused sampler update; returns ``x_next`` (and the denoised estimate if asked).
+
+    ``model_output`` is the conditional prediction when ``uncond`` is given (CFG fused into
+    the step); ``guidance_rescale`` > 0 adds CFG rescale (one extra reduction launch).
+    """
+    _checks.check_tensor("x", x)
+    _checks.check_like("model_output", model_output, "x", x)
+    _checks.check_like("uncond", uncond, "x", x)
+    _checks.check_like("noise", noise, "x", x)
+    _checks.check_like("prev_x0", prev_x0, "x", x)
+    if not isinstance(coeffs, StepCoeffs):
+        raise TypeError(f"coeffs: expected fewstep.ops.StepCoeffs, got {type(coeffs).__name__}")
+    for name, value in zip(COEFF_NAMES, coeffs.as_list()):
+        _checks.check_finite(f"coeffs.{name}", value)
+    _checks.check_finite("guidance_scale", guidance_scale)
+    _checks.check_finite("guidance_rescale", guidance_rescale)
+    if not (clip_x0 > 0):
+        raise ValueError(f"clip_x0: expected a positive bound (math.inf for none), got {clip_x0!r}")
+    if noise is None and (coeffs.o_z != 0.0 or coeffs.k_churn != 0.0):
+        raise ValueError(f"noise: expected a tensor because coeffs.o_z={coeffs.o_z} and "
+                         f"coeffs.k_churn={coeffs.k_churn} use it, got None")
+    if prev_x0 is None and coeffs.o_p != 0.0:
+        raise ValueError(f"prev_x0: expected a tensor because coeffs.o_p={coeffs.o_p} uses it, got None")
+    rescale = None
+    if guidance_rescale != 0.0:
+        if uncond is None:
+            raise ValueError(f"guidance_rescale: expected 0 without an unconditional output, got "
+                             f"{guidance_rescale}")
+        rescale = cfg_rescale_factor(model_output, uncond, guidance_scale, guidance_rescale)
+    args = (x, model_output, uncond, noise, prev_x0, rescale, coeffs.as_list(),
+            float(guidance_scale), float(clip_x0), bool(return_x0))
+    backend = _dispatch.select("sampler_step", x.device)
+    if backend == "reference":
+        x_next, x0 = sampler_step_reference(*args)
+    elif backend == "triton":
+        x_next, x0 = torch.ops.fewstep.sampler_step_triton(*args)
+    else:
+        x_next, x0 = torch.ops.fewstep.sampler_step(*args)
+    return (x_next, x0) if return_x0 else x_next
+
+
+# Registers torch.ops.fewstep.sampler_step_triton (imports triton lazily on first use).
+from fewstep.triton import sampler_step as _triton_sampler_step  # noqa: E402,F401
