@@ -42,6 +42,9 @@ def backend(name: str) -> Iterator[None]:
         _forced.reset(token)
 
 
+# Evaluated while tracing and baked into the graph: a compiled function keeps the backend that
+# was in force when it was compiled.
+@torch.compiler.assume_constant_result
 def requested_backend() -> str:
     forced = _forced.get()
     if forced is not None:

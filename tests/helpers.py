@@ -1,0 +1,41 @@
+"""Test helpers: error bounds tied to the dtype, poisoned allocations, backend lists."""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.double(), ref.double()
+    return float((a - ref).norm() / ref.norm().clamp_min(1e-300))
+
+
+def assert_close_to_reference(out: torch.Tensor, ref64: torch.Tensor, same_op_in_dtype: torch.Tensor, what: str):
+    """Kernel error must be at most 2x the error of the same computation done by PyTorch in the
+    input dtype (plus one machine epsilon, for when PyTorch's result happens to be exact)."""
+    assert torch.isfinite(out).all(), f"{what}: non-finite values (unwritten or NaN)"
+    kernel = rel_err(out, ref64)
+    torch_err = rel_err(same_op_in_dtype, ref64)
+    bound = 2 * torch_err + torch.finfo(out.dtype).eps
+    assert kernel <= bound, f"{what}: relative error {kernel:.3e} > bound {bound:.3e} (torch at dtype: {torch_err:.3e})"
+
+
+def poison_allocator(like: torch.Tensor, count: int = 4) -> None:
+    """Fill freed blocks of the size of ``like`` with NaN so that an output allocated next that a
+    kernel leaves partly unwritten shows NaNs (certain with CUDA's caching allocator)."""
+    blocks = [torch.full_like(like, float("nan"), memory_format=torch.contiguous_format) for _ in range(count)]
+    del blocks
+
+
+def backends_for(device: str) -> list[str]:
+    if device == "cpu":
+        return ["cpu"] + (["triton"] if HAS_TRITON else [])
+    return ["cuda"] + (["triton"] if HAS_TRITON else [])
+
+
+def devices() -> list[str]:
+    return ["cpu"] + (["cuda"] if HAS_CUDA else [])
