@@ -1,0 +1,47 @@
+"""Runs fewstep's whole GPU benchmark suite in one process and writes
+``<out>/<date>-<gpu>.json`` and ``.md``.  Usage: ``python bench/run_gpu.py [--out DIR] [--only SUITE]``."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+import sampler_step_gpu  # noqa: E402
+import samplers_gpu  # noqa: E402
+
+SUITES = {"sampler_step": lambda rec, c: sampler_step_gpu.run(rec, c["copy_GBps"]),
+          "loop4": lambda rec, c: samplers_gpu.run(rec)}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--only", choices=sorted(SUITES), action="append")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("run_gpu.py: no CUDA device")
+    import fewstep
+    print("fewstep build:", fewstep.build_info(), flush=True)
+    rec = common.Recorder()
+    ceilings = {"copy_GBps": common.copy_bandwidth_gbs(), "bf16_matmul_TFLOPs": common.matmul_tflops()}
+    print("ceilings:", ceilings, flush=True)
+    for name in args.only or SUITES:
+        SUITES[name](rec, ceilings)
+    gpu = torch.cuda.get_device_name().replace(" ", "-").replace("/", "-")
+    stem = os.path.join(args.out, f"{datetime.date.today().isoformat()}-{gpu}")
+    os.makedirs(args.out, exist_ok=True)
+    rec.write(stem + ".json", stem + ".md", ceilings,
+              notes="pct_of_copy_bw: bytes the step must move (inputs read once, outputs written once) over "
+                    "the median time, as a share of the copy bandwidth above. loop4 times are host wall time "
+                    "of a whole 4-step loop (launch overhead included), the model outputs precomputed.")
+    print("wrote", stem + ".json")
+
+
+if __name__ == "__main__":
+    main()
