@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 
@@ -32,8 +33,8 @@ def poison_allocator(like: torch.Tensor, count: int = 4) -> None:
 
 
 def backends_for(device: str) -> list[str]:
-    if device == "cpu":
-        return ["cpu"] + (["triton"] if HAS_TRITON else [])
+    if device == "cpu":  # Triton runs on CPU tensors only under its interpreter (set when there is no GPU)
+        return ["cpu"] + (["triton"] if HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1" else [])
     return ["cuda"] + (["triton"] if HAS_TRITON else [])
 
 

@@ -14,6 +14,7 @@ namespace sampler_step {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kUnroll = 2;
 
 template <typename T> struct Compute { using type = float; };
 template <> struct Compute<double> { using type = double; };
@@ -43,27 +44,39 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepParams p, int6
   const C w = p.guidance_scale, clip = p.clip;
   const bool do_clip = isfinite(p.clip);
 
-  for (int64_t v = blockIdx.x * (int64_t)kThreads + threadIdx.x; v < num_vecs;
-       v += (int64_t)gridDim.x * kThreads) {
-    Vec<T, N> x = load_vec<T, N>(p.x, v), m = load_vec<T, N>(p.model_output, v), u, z, pr;
-    if (p.uncond) u = load_vec<T, N>(p.uncond, v);
-    if (p.noise) z = load_vec<T, N>(p.noise, v);
-    if (p.prev_x0) pr = load_vec<T, N>(p.prev_x0, v);
+  // Each thread owns kUnroll vectors, kThreads apart (coalesced), and issues every load of all
+  // of them before any arithmetic, to keep enough bytes in flight to saturate HBM.
+  const int64_t first = blockIdx.x * (int64_t)(kThreads * kUnroll) + threadIdx.x;
+  Vec<T, N> x[kUnroll], m[kUnroll], u[kUnroll], z[kUnroll], pr[kUnroll];
+#pragma unroll
+  for (int k = 0; k < kUnroll; ++k) {
+    const int64_t v = first + k * kThreads;
+    if (v >= num_vecs) break;
+    x[k] = load_vec<T, N>(p.x, v);
+    m[k] = load_vec<T, N>(p.model_output, v);
+    if (p.uncond) u[k] = load_vec<T, N>(p.uncond, v);
+    if (p.noise) z[k] = load_vec<T, N>(p.noise, v);
+    if (p.prev_x0) pr[k] = load_vec<T, N>(p.prev_x0, v);
+  }
+#pragma unroll
+  for (int k = 0; k < kUnroll; ++k) {
+    const int64_t v = first + k * kThreads;
+    if (v >= num_vecs) break;
     // A vector never straddles two samples when N divides per_sample (checked by the launcher).
     const C scale = p.rescale ? (C)p.rescale[(v * N) / p.per_sample] : C(1);
     Vec<T, N> out, den;
 #pragma unroll
     for (int j = 0; j < N; ++j) {
-      C mv = to_compute(m.v[j]);
-      if (p.uncond) { const C uv = to_compute(u.v[j]); mv = uv + w * (mv - uv); }
+      C mv = to_compute(m[k].v[j]);
+      if (p.uncond) { const C uv = to_compute(u[k].v[j]); mv = uv + w * (mv - uv); }
       mv *= scale;
-      const C zv = p.noise ? to_compute(z.v[j]) : C(0);
-      const C xt = to_compute(x.v[j]) + k_churn * zv;
+      const C zv = p.noise ? to_compute(z[k].v[j]) : C(0);
+      const C xt = to_compute(x[k].v[j]) + k_churn * zv;
       C x0 = a_x * xt + a_m * mv;
       if (do_clip) x0 = x0 < -clip ? -clip : (x0 > clip ? clip : x0);  // keeps NaN, as torch.clamp
       const C eps = e_x * xt + e_m * mv + e_0 * x0;
       C r = o_x * xt + o_m * mv + o_0 * x0 + o_e * eps + o_z * zv;
-      if (p.prev_x0) r += o_p * to_compute(pr.v[j]);
+      if (p.prev_x0) r += o_p * to_compute(pr[k].v[j]);
       out.v[j] = from_compute<T>(r);
       den.v[j] = from_compute<T>(d_x * xt + d_0 * x0);
     }
@@ -81,17 +94,12 @@ cudaError_t launch_typed(const StepParams& p, cudaStream_t stream) {
                             aligned16(p.model_output) && aligned16(p.uncond) && aligned16(p.noise) &&
                             aligned16(p.prev_x0) && aligned16(p.out) && aligned16(p.x0_out);
   const int64_t n = vectorizable ? p.numel / kVec : p.numel;
-  int device = 0, sms = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  // Enough resident blocks to fill the chip several times over; the grid-stride loop covers the rest.
-  const int64_t max_blocks = (int64_t)sms * 8;
-  const int64_t blocks_needed = (n + kThreads - 1) / kThreads;
-  const int blocks = (int)(blocks_needed < max_blocks ? blocks_needed : max_blocks);
+  const int64_t blocks = (n + kThreads * kUnroll - 1) / (kThreads * kUnroll);
+  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   if (vectorizable) {
-    step_kernel<T, kVec><<<blocks, kThreads, 0, stream>>>(p, n);
+    step_kernel<T, kVec><<<(unsigned)blocks, kThreads, 0, stream>>>(p, n);
   } else {
-    step_kernel<T, 1><<<blocks, kThreads, 0, stream>>>(p, n);
+    step_kernel<T, 1><<<(unsigned)blocks, kThreads, 0, stream>>>(p, n);
   }
   return cudaGetLastError();
 }
