@@ -17,11 +17,12 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 def assert_close_to_reference(out: torch.Tensor, ref64: torch.Tensor, same_op_in_dtype: torch.Tensor, what: str):
     """Kernel error must be at most 2x the error of the same computation done by PyTorch in the
-    input dtype (plus one machine epsilon, for when PyTorch's result happens to be exact)."""
+    input dtype, plus one machine epsilon for when PyTorch's result happens to be exact. In float64
+    the reference is itself rounded by its ~10 operations: there the floor is 16 epsilons."""
     assert torch.isfinite(out).all(), f"{what}: non-finite values (unwritten or NaN)"
     kernel = rel_err(out, ref64)
     torch_err = rel_err(same_op_in_dtype, ref64)
-    bound = 2 * torch_err + torch.finfo(out.dtype).eps
+    bound = 2 * torch_err + torch.finfo(out.dtype).eps * (16 if out.dtype == torch.float64 else 1)
     assert kernel <= bound, f"{what}: relative error {kernel:.3e} > bound {bound:.3e} (torch at dtype: {torch_err:.3e})"
 
 

@@ -51,7 +51,9 @@ PreparedStep prepare_step(const at::Tensor& x, const at::Tensor& model_output,
   const int64_t batch = x.dim() > 0 ? x.size(0) : 1;
   if (cfg_rescale.has_value()) {
     const auto& r = *cfg_rescale;
-    TORCH_CHECK_TYPE(r.scalar_type() == at::kFloat, "cfg_rescale: expected dtype float32, got ", r.scalar_type());
+    const auto want = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    TORCH_CHECK_TYPE(r.scalar_type() == want, "cfg_rescale: expected dtype ", want, " (fewstep.ops.cfg_rescale_factor's, for x of dtype ",
+                     x.scalar_type(), "), got ", r.scalar_type());
     TORCH_CHECK_VALUE(r.dim() == 1 && r.size(0) == batch, "cfg_rescale: expected shape [", batch,
                       "] (one factor per sample of x), got ", r.sizes());
     TORCH_CHECK_VALUE(r.device() == x.device(), "cfg_rescale: expected device ", x.device(), ", got ", r.device());
@@ -79,7 +81,7 @@ PreparedStep prepare_step(const at::Tensor& x, const at::Tensor& model_output,
   p.uncond = ptr_or_null(s.uncond);
   p.noise = ptr_or_null(s.noise);
   p.prev_x0 = ptr_or_null(s.prev_x0);
-  p.rescale = s.rescale.defined() ? s.rescale.const_data_ptr<float>() : nullptr;
+  p.rescale = ptr_or_null(s.rescale);
   p.out = s.out.mutable_data_ptr();
   p.x0_out = return_x0 ? s.x0_out.mutable_data_ptr() : nullptr;
   p.numel = x.numel();
@@ -105,12 +107,13 @@ PreparedRescale prepare_rescale(const at::Tensor& model_output, const at::Tensor
   PreparedRescale s;
   s.cond = model_output.contiguous();
   s.uncond = model_output_uncond.contiguous();
-  s.factor = at::empty({model_output.size(0)}, model_output.options().dtype(at::kFloat));
+  s.factor = at::empty({model_output.size(0)},
+                       model_output.options().dtype(model_output.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
   RescaleParams& p = s.params;
   p.cond = s.cond.const_data_ptr();
   p.uncond = s.uncond.const_data_ptr();
   p.partials = nullptr;
-  p.factor = s.factor.mutable_data_ptr<float>();
+  p.factor = s.factor.mutable_data_ptr();
   p.batch = model_output.size(0);
   p.per_sample = model_output.numel() / p.batch;
   p.chunks = 0;
@@ -154,7 +157,7 @@ void step_cpu(const StepParams& p) {
     for (int64_t t0 = begin; t0 < end;) {
       const int64_t sample_end = (t0 / p.per_sample + 1) * p.per_sample;
       const int64_t n = std::min({kTile, end - t0, sample_end - t0});
-      const C scale = p.rescale ? C(p.rescale[t0 / p.per_sample]) : C(1);
+      const C scale = p.rescale ? static_cast<const C*>(p.rescale)[t0 / p.per_sample] : C(1);
       load_tile<T>(p.x, t0, n, x);
       load_tile<T>(p.model_output, t0, n, m);
       load_tile<T>(p.uncond, t0, n, u);
@@ -190,7 +193,8 @@ void rescale_cpu(const RescaleParams& p) {
       const double n = static_cast<double>(p.per_sample);
       const double var_c = std::max((s[1] - s[0] * s[0] / n) / (n - 1), 0.0);
       const double var_g = std::max((s[3] - s[2] * s[2] / n) / (n - 1), 0.0);
-      p.factor[b] = static_cast<float>(p.guidance_rescale * std::sqrt(var_c / var_g) + (1.0 - p.guidance_rescale));
+      static_cast<at::opmath_type<T>*>(p.factor)[b] =
+          static_cast<at::opmath_type<T>>(p.guidance_rescale * std::sqrt(var_c / var_g) + (1.0 - p.guidance_rescale));
     }
   });
 }

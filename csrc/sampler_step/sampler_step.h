@@ -24,7 +24,8 @@ struct StepParams {
   const void* uncond;       // nullable: no CFG
   const void* noise;        // nullable
   const void* prev_x0;      // nullable
-  const float* rescale;     // nullable: per-sample CFG-rescale factor [batch]
+  const void* rescale;      // nullable: per-sample CFG-rescale factor [batch], float64 for
+                            // float64 inputs, float32 otherwise
   void* out;
   void* x0_out;             // nullable
   int64_t numel;
@@ -39,7 +40,7 @@ struct RescaleParams {
   const void* cond;
   const void* uncond;
   double* partials;         // [batch, chunks, 4]: sum c, sum c^2, sum g, sum g^2
-  float* factor;            // [batch]
+  void* factor;             // [batch], float64 for float64 inputs, float32 otherwise
   int64_t batch;
   int64_t per_sample;
   int64_t chunks;

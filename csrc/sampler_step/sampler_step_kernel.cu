@@ -63,7 +63,7 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepParams p, int6
     const int64_t v = first + k * kThreads;
     if (v >= num_vecs) break;
     // A vector never straddles two samples when N divides per_sample (checked by the launcher).
-    const C scale = p.rescale ? (C)p.rescale[(v * N) / p.per_sample] : C(1);
+    const C scale = p.rescale ? reinterpret_cast<const C*>(p.rescale)[(v * N) / p.per_sample] : C(1);
     Vec<T, N> out, den;
 #pragma unroll
     for (int j = 0; j < N; ++j) {
@@ -148,7 +148,12 @@ __global__ void rescale_finalize_kernel(const RescaleParams p) {
   const double var_c = (s[1] - s[0] * s[0] / n) / (n - 1);
   const double var_g = (s[3] - s[2] * s[2] / n) / (n - 1);
   const double ratio = sqrt(fmax(var_c, 0.0) / fmax(var_g, 0.0));
-  p.factor[b] = (float)(p.guidance_rescale * ratio + (1.0 - p.guidance_rescale));
+  // The factor has the step's compute type: float64 for float64 inputs, float32 otherwise.
+  if (p.dtype == DType::kFloat64) {
+    reinterpret_cast<double*>(p.factor)[b] = p.guidance_rescale * ratio + (1.0 - p.guidance_rescale);
+  } else {
+    reinterpret_cast<float*>(p.factor)[b] = (float)(p.guidance_rescale * ratio + (1.0 - p.guidance_rescale));
+  }
 }
 
 template <typename T>

@@ -56,12 +56,73 @@ if _C is not None:
 
     @torch.library.register_fake("fewstep::cfg_rescale_factor")
     def _cfg_rescale_factor_fake(model_output, model_output_uncond, guidance_scale, guidance_rescale):
-        return model_output.new_empty(model_output.shape[0], dtype=torch.float32)
+        dtype = torch.float64 if model_output.dtype == torch.float64 else torch.float32
+        return model_output.new_empty(model_output.shape[0], dtype=dtype)
+
+
+def _setup_step_context(ctx, inputs, output):
+    x, m, u, z, p, r, coeffs, w, clip_x0, return_x0 = inputs
+    ctx.save_for_backward(x, m, u, z, r)
+    ctx.coeffs, ctx.w, ctx.clip_x0 = dict(zip(COEFF_NAMES, coeffs)), w, clip_x0
+    ctx.has_p = p is not None
+
+
+def _step_backward(ctx, grad_out, grad_den):
+    """The step is affine in every input except through the clamp of x0: the gradient is a few
+    scaled copies of the incoming gradients, with the clamp's mask recomputed from the inputs."""
+    x, m, u, z, r = ctx.saved_tensors
+    c, w = ctx.coeffs, ctx.w
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    G = grad_out.to(acc)
+    H = grad_den.to(acc) if grad_den is not None and grad_den.numel() else None
+    bshape = (-1,) + (1,) * (x.dim() - 1)
+    guided = m.to(acc) if u is None else u.to(acc) + w * (m.to(acc) - u.to(acc))
+    mv = guided * r.view(bshape) if r is not None else guided
+    zv = z.to(acc) if z is not None else None
+    xt = x.to(acc) + c["k_churn"] * zv if zv is not None else x.to(acc)
+    g_x0 = (c["o_0"] + c["o_e"] * c["e_0"]) * G
+    if H is not None:
+        g_x0 = g_x0 + c["d_0"] * H
+    if math.isfinite(ctx.clip_x0):
+        g_x0 = g_x0 * ((c["a_x"] * xt + c["a_m"] * mv).abs() <= ctx.clip_x0)
+    g_xt = (c["o_x"] + c["o_e"] * c["e_x"]) * G + c["a_x"] * g_x0
+    if H is not None:
+        g_xt = g_xt + c["d_x"] * H
+    g_mv = (c["o_m"] + c["o_e"] * c["e_m"]) * G + c["a_m"] * g_x0
+    g_r = None
+    if r is not None:
+        g_r = (guided * g_mv).reshape(r.shape[0], -1).sum(1).to(r.dtype)
+        g_mv = g_mv * r.view(bshape)
+    g_m, g_u = (g_mv, None) if u is None else (w * g_mv, (1 - w) * g_mv)
+    g_z = c["o_z"] * G + c["k_churn"] * g_xt if z is not None else None
+    g_p = c["o_p"] * G if ctx.has_p else None
+    cast = lambda g: None if g is None else g.to(x.dtype)  # noqa: E731
+    return (cast(g_xt), cast(g_m), cast(g_u), cast(g_z), cast(g_p), g_r, None, None, None, None)
+
+
+def _rescale_setup(ctx, inputs, output):
+    c, u, w, phi = inputs
+    ctx.save_for_backward(c, u)
+    ctx.w, ctx.phi = w, phi
+
+
+def _rescale_backward(ctx, grad):
+    c, u = ctx.saved_tensors
+    _, vjp = torch.func.vjp(lambda c_, u_: cfg_rescale_factor_reference(c_, u_, ctx.w, ctx.phi).double(),
+                            c.double(), u.double())
+    gc, gu = vjp(grad.double())
+    return gc.to(c.dtype), gu.to(u.dtype), None, None
+
+
+if _C is not None:
+    torch.library.register_autograd("fewstep::sampler_step", _step_backward, setup_context=_setup_step_context)
+    torch.library.register_autograd("fewstep::cfg_rescale_factor", _rescale_backward, setup_context=_rescale_setup)
 
 
 def cfg_rescale_factor(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float,
                        guidance_rescale: float) -> torch.Tensor:
-    """Per-sample float32 factor ``phi * std(cond) / std(guided) + 1 - phi`` of CFG rescale."""
+    """Per-sample factor ``phi * std(cond) / std(guided) + 1 - phi`` of CFG rescale (float64 for
+    float64 inputs, float32 otherwise)."""
     _checks.check_tensor("cond", cond)
     _checks.check_like("uncond", uncond, "cond", cond)
     if cond.dim() < 2:
@@ -131,5 +192,7 @@ def sampler_step(
     return (x_next, x0) if return_x0 else x_next
 
 
-# Registers torch.ops.fewstep.sampler_step_triton (imports triton lazily on first use).
-from fewstep.triton import sampler_step as _triton_sampler_step  # noqa: E402,F401
+# torch.ops.fewstep.sampler_step_triton (imports triton lazily on first use); same backward.
+from fewstep.triton.sampler_step import sampler_step_triton as _sampler_step_triton  # noqa: E402
+
+_sampler_step_triton.register_autograd(_step_backward, setup_context=_setup_step_context)

@@ -71,7 +71,7 @@ def cfg_rescale_factor_reference(
     guidance_scale: float,
     guidance_rescale: float,
 ) -> torch.Tensor:
-    """Per-sample factor of CFG rescale (Lin et al. 2023, as diffusers' ``rescale_noise_cfg``).
+    """Per-sample factor (float64 for float64 inputs, else float32) of CFG rescale (Lin et al. 2023, as diffusers' ``rescale_noise_cfg``).
 
     guided = u + w (c - u); rescaled = guided * std(c) / std(guided) (unbiased std over all
     but the batch dim); result = phi * rescaled + (1 - phi) * guided = guided * factor.
@@ -80,4 +80,5 @@ def cfg_rescale_factor_reference(
     u = model_output_uncond.double().flatten(1)
     g = u + guidance_scale * (c - u)
     ratio = c.std(dim=1) / g.std(dim=1)
-    return (guidance_rescale * ratio + (1.0 - guidance_rescale)).float()
+    factor = guidance_rescale * ratio + (1.0 - guidance_rescale)
+    return factor if model_output.dtype == torch.float64 else factor.float()
