@@ -267,3 +267,14 @@ def test_gradients_match_reference_autograd(device, backend):
 
     for got, ref in zip(grads(backend), grads("reference")):
         torch.testing.assert_close(got, ref.to(got.dtype), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device: GPU test skipped")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_device_mismatch_on_gpu(backend):
+    x = torch.randn(2, 3, 4, device="cuda")
+    with fewstep.backend(backend), pytest.raises(ValueError, match="model_output: expected device cuda:0"):
+        sampler_step(x, torch.randn(2, 3, 4), StepCoeffs(a_x=1.0, o_0=1.0))
+    with pytest.raises(ValueError, match="model_output: expected device cuda:0"):
+        torch.ops.fewstep.sampler_step(x, torch.randn(2, 3, 4), None, None, None, None,
+                                       StepCoeffs(a_x=1.0).as_list(), 1.0, math.inf, False)
