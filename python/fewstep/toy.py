@@ -3,7 +3,7 @@
 Data x0 ~ sum_k pi_k N(mu_k, s^2 I). Under x_t = alpha x0 + sigma eps, x_t | k ~ N(alpha mu_k,
 (alpha^2 s^2 + sigma^2) I), so E[x0 | x_t] is a responsibility-weighted sum of per-component
 posterior means. It gives the demo and tests a real denoiser (sampling quality is measurable as
-the log-likelihood of the samples under the true mixture) with no weights to download.
+the samples' distance to the modes against real data's) with no weights to download.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ class GaussianMixtureDenoiser(nn.Module):
     log-sigma like diffusers' Karras/Euler schedules).
     """
 
-    def __init__(self, alphas_cumprod: torch.Tensor, shape=(3, 8, 8), num_modes: int = 10, std: float = 0.1,
+    def __init__(self, alphas_cumprod: torch.Tensor, shape=(3, 8, 8), num_modes: int = 10, std: float = 0.3,
                  prediction: str = "epsilon", seed: int = 0):
         super().__init__()
         if prediction not in ("epsilon", "sample", "v_prediction"):
@@ -81,11 +81,12 @@ class GaussianMixtureDenoiser(nn.Module):
         noise = torch.randn(n, self.means.shape[1], generator=generator, dtype=torch.float64, device=self.means.device)
         return (self.means[k] + self.std * noise).reshape(n, *self.shape)
 
-    def nll_per_dim(self, x0: torch.Tensor) -> torch.Tensor:
-        """Mean negative log-likelihood of ``x0`` under the true mixture, in nats per dimension."""
+    def spread(self, x0: torch.Tensor) -> torch.Tensor:
+        """Mean squared distance of ``x0`` to its nearest mode over that of real data (D s^2).
+
+        1 for samples from the true distribution; below 1 means samples collapsed onto the modes
+        (too smooth), above 1 means they are noisy or between modes.
+        """
         x = x0.double().flatten(1)
-        d = x.shape[1]
         sq = x.pow(2).sum(1, keepdim=True) - 2 * (x @ self.means.T) + self.means.pow(2).sum(1)
-        log_comp = -0.5 * sq / self.std**2 - 0.5 * d * math.log(2 * math.pi * self.std**2)
-        log_p = torch.logsumexp(log_comp, dim=1) - math.log(len(self.means))
-        return -(log_p.mean()) / d
+        return sq.min(dim=1).values.mean() / (x.shape[1] * self.std**2)
