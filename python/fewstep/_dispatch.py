@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib.util
 import os
 from typing import Iterator, Optional
@@ -42,9 +43,6 @@ def backend(name: str) -> Iterator[None]:
         _forced.reset(token)
 
 
-# Evaluated while tracing and baked into the graph: a compiled function keeps the backend that
-# was in force when it was compiled.
-@torch.compiler.assume_constant_result
 def requested_backend() -> str:
     forced = _forced.get()
     if forced is not None:
@@ -52,32 +50,44 @@ def requested_backend() -> str:
     return _validate(os.environ.get("FEWSTEP_BACKEND", "auto"), "FEWSTEP_BACKEND")
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def _triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.cache
+def _compiled_status() -> tuple[Optional[str], bool]:
+    """(why fewstep._C is unusable or None, whether it has CUDA kernels); fixed for the process."""
+    from fewstep import _C, _C_error
+    if _C is None:
+        return f"the compiled extension fewstep._C failed to load: {_C_error}", False
+    return None, bool(_C.build_info()["cuda"])
+
+
 def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
     """Why backend ``name`` cannot run on ``device``, or None if it can."""
-    from fewstep import _C_error, _C
     if name == "reference":
         return None
     if name == "cpu":
         if device.type != "cpu":
             return f"the 'cpu' backend runs on CPU tensors, got tensors on {device}"
-        if _C is None:
-            return f"the compiled extension fewstep._C failed to load: {_C_error}"
-        return None
+        return _compiled_status()[0]
     if name == "cuda":
         if device.type != "cuda":
             return f"the 'cuda' backend runs on CUDA tensors, got tensors on {device}"
-        if _C is None:
-            return f"the compiled extension fewstep._C failed to load: {_C_error}"
-        if not _C.build_info()["cuda"]:
+        load_error, has_cuda = _compiled_status()
+        if load_error is not None:
+            return load_error
+        if not has_cuda:
             return ("fewstep._C was built without CUDA (rebuild with FEWSTEP_CUDA=1 against a CUDA "
                     "build of torch with nvcc on PATH)")
         return None
     if name == "triton":
-        if importlib.util.find_spec("triton") is None:
+        if not _triton_installed():
             return "triton is not installed"
         if device.type == "cuda":
             return None
@@ -88,6 +98,9 @@ def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
     raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {name!r}")
 
 
+# Evaluated while tracing and baked into the graph: a compiled function keeps the backend that
+# was in force when it was compiled.
+@torch.compiler.assume_constant_result
 def select(op: str, device: torch.device, gpu_default: str = "cuda") -> str:
     """The backend that runs ``op`` on ``device``; raises if a forced one cannot."""
     name = requested_backend()

@@ -36,8 +36,14 @@ class StepCoeffs:
     d_x: float = 0.0
     d_0: float = 0.0
 
+    def __post_init__(self):
+        # Checked once here, not on every step: samplers build their coefficients in set_timesteps.
+        for name in COEFF_NAMES:
+            _checks.check_finite(f"coeffs.{name}", getattr(self, name))
+        object.__setattr__(self, "_list", [float(getattr(self, n)) for n in COEFF_NAMES])
+
     def as_list(self) -> list[float]:
-        return [float(getattr(self, n)) for n in COEFF_NAMES]
+        return list(self._list)
 
 
 assert tuple(f.name for f in dataclasses.fields(StepCoeffs)) == COEFF_NAMES
@@ -163,8 +169,6 @@ def sampler_step(
     _checks.check_like("prev_x0", prev_x0, "x", x)
     if not isinstance(coeffs, StepCoeffs):
         raise TypeError(f"coeffs: expected fewstep.ops.StepCoeffs, got {type(coeffs).__name__}")
-    for name, value in zip(COEFF_NAMES, coeffs.as_list()):
-        _checks.check_finite(f"coeffs.{name}", value)
     _checks.check_finite("guidance_scale", guidance_scale)
     _checks.check_finite("guidance_rescale", guidance_rescale)
     if not (clip_x0 > 0):
