@@ -22,7 +22,7 @@ DType to_dtype(at::ScalarType t) {
     case at::kBFloat16: return DType::kBFloat16;
     case at::kFloat: return DType::kFloat32;
     case at::kDouble: return DType::kFloat64;
-    default: TORCH_CHECK_TYPE(false, "fewstep: unsupported dtype ", t);
+    default: TORCH_CHECK_TYPE(false, "fewstep: unsupported dtype ", dtype_name(t));
   }
 }
 
@@ -34,41 +34,40 @@ at::Tensor contiguous_or_empty(const c10::optional<at::Tensor>& t) {
 }  // namespace
 
 PreparedStep prepare_step(const at::Tensor& x, const at::Tensor& model_output,
-                          const c10::optional<at::Tensor>& model_output_uncond,
+                          const c10::optional<at::Tensor>& uncond,
                           const c10::optional<at::Tensor>& noise, const c10::optional<at::Tensor>& prev_x0,
                           const c10::optional<at::Tensor>& cfg_rescale, c10::ArrayRef<double> coeffs,
                           double guidance_scale, double clip_x0, bool return_x0) {
   check_float_tensor(x, "x");
   check_like(model_output, "model_output", x, "x");
-  check_like(model_output_uncond, "model_output_uncond", x, "x");
+  check_like(uncond, "uncond", x, "x");
   check_like(noise, "noise", x, "x");
   check_like(prev_x0, "prev_x0", x, "x");
   TORCH_CHECK_VALUE(coeffs.size() == kNumCoeffs, "coeffs: expected ", int(kNumCoeffs),
                     " coefficients (fewstep.ops.StepCoeffs.as_list()), got ", coeffs.size());
   for (double c : coeffs) check_finite(c, "coeffs");
   check_finite(guidance_scale, "guidance_scale");
-  TORCH_CHECK_VALUE(clip_x0 > 0, "clip_x0: expected a positive bound (inf for none), got ", clip_x0);
+  TORCH_CHECK_VALUE(clip_x0 > 0, "clip_x0: expected a positive bound (inf for none), got ", double_repr(clip_x0));
   const int64_t batch = x.dim() > 0 ? x.size(0) : 1;
   if (cfg_rescale.has_value()) {
     const auto& r = *cfg_rescale;
     const auto want = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    TORCH_CHECK_TYPE(r.scalar_type() == want, "cfg_rescale: expected dtype ", want, " (fewstep.ops.cfg_rescale_factor's, for x of dtype ",
-                     x.scalar_type(), "), got ", r.scalar_type());
-    TORCH_CHECK_VALUE(r.dim() == 1 && r.size(0) == batch, "cfg_rescale: expected shape [", batch,
-                      "] (one factor per sample of x), got ", r.sizes());
-    TORCH_CHECK_VALUE(r.device() == x.device(), "cfg_rescale: expected device ", x.device(), ", got ", r.device());
-    TORCH_CHECK_VALUE(x.dim() >= 1, "cfg_rescale: needs a batched x, got a 0-dim x");
+    TORCH_CHECK_TYPE(r.scalar_type() == want, "cfg_rescale: expected dtype ", dtype_name(want),
+                     " (fewstep.ops.cfg_rescale_factor's, for x of dtype ", dtype_name(x.scalar_type()), "), got ",
+                     dtype_name(r.scalar_type()));
+    TORCH_CHECK_VALUE(r.dim() == 1 && r.size(0) == batch && r.device() == x.device(), "cfg_rescale: expected shape [",
+                      batch, "] on ", x.device(), " (one factor per sample of x), got ", r.sizes(), " on ", r.device());
   }
   TORCH_CHECK_VALUE(noise.has_value() || (coeffs[kOz] == 0 && coeffs[kChurn] == 0),
-                    "noise: expected a tensor because coeffs o_z=", coeffs[kOz], " and k_churn=", coeffs[kChurn],
-                    " use it, got None");
+                    "noise: expected a tensor because coeffs o_z=", double_repr(coeffs[kOz]), " and k_churn=",
+                    double_repr(coeffs[kChurn]), " use it, got None");
   TORCH_CHECK_VALUE(prev_x0.has_value() || coeffs[kOp] == 0, "prev_x0: expected a tensor because coeffs o_p=",
-                    coeffs[kOp], " uses it, got None");
+                    double_repr(coeffs[kOp]), " uses it, got None");
 
   PreparedStep s;
   s.x = x.contiguous();
   s.model_output = model_output.contiguous();
-  s.uncond = contiguous_or_empty(model_output_uncond);
+  s.uncond = contiguous_or_empty(uncond);
   s.noise = contiguous_or_empty(noise);
   s.prev_x0 = contiguous_or_empty(prev_x0);
   s.rescale = contiguous_or_empty(cfg_rescale);
@@ -93,20 +92,20 @@ PreparedStep prepare_step(const at::Tensor& x, const at::Tensor& model_output,
   return s;
 }
 
-PreparedRescale prepare_rescale(const at::Tensor& model_output, const at::Tensor& model_output_uncond,
+PreparedRescale prepare_rescale(const at::Tensor& model_output, const at::Tensor& uncond,
                                 double guidance_scale, double guidance_rescale) {
-  check_float_tensor(model_output, "model_output");
-  check_like(model_output_uncond, "model_output_uncond", model_output, "model_output");
-  TORCH_CHECK_VALUE(model_output.dim() >= 2, "model_output: expected a batched tensor [B, ...] with at least ",
+  check_float_tensor(model_output, "cond");
+  check_like(uncond, "uncond", model_output, "cond");
+  TORCH_CHECK_VALUE(model_output.dim() >= 2, "cond: expected a batched tensor [B, ...] with at least ",
                     "2 dims, got shape ", model_output.sizes());
   TORCH_CHECK_VALUE(model_output.numel() / model_output.size(0) >= 2,
-                    "model_output: expected at least 2 elements per sample for a standard deviation, got shape ",
+                    "cond: expected at least 2 elements per sample for a standard deviation, got shape ",
                     model_output.sizes());
   check_finite(guidance_scale, "guidance_scale");
   check_finite(guidance_rescale, "guidance_rescale");
   PreparedRescale s;
   s.cond = model_output.contiguous();
-  s.uncond = model_output_uncond.contiguous();
+  s.uncond = uncond.contiguous();
   s.factor = at::empty({model_output.size(0)},
                        model_output.options().dtype(model_output.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
   RescaleParams& p = s.params;
@@ -200,20 +199,20 @@ void rescale_cpu(const RescaleParams& p) {
 }
 
 std::tuple<at::Tensor, at::Tensor> sampler_step_cpu(
-    const at::Tensor& x, const at::Tensor& model_output, const c10::optional<at::Tensor>& model_output_uncond,
+    const at::Tensor& x, const at::Tensor& model_output, const c10::optional<at::Tensor>& uncond,
     const c10::optional<at::Tensor>& noise, const c10::optional<at::Tensor>& prev_x0,
     const c10::optional<at::Tensor>& cfg_rescale, c10::ArrayRef<double> coeffs, double guidance_scale,
     double clip_x0, bool return_x0) {
-  PreparedStep s = prepare_step(x, model_output, model_output_uncond, noise, prev_x0, cfg_rescale, coeffs,
+  PreparedStep s = prepare_step(x, model_output, uncond, noise, prev_x0, cfg_rescale, coeffs,
                                 guidance_scale, clip_x0, return_x0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fewstep::sampler_step",
                                   [&] { step_cpu<scalar_t>(s.params); });
   return {s.out, s.x0_out};
 }
 
-at::Tensor cfg_rescale_factor_cpu(const at::Tensor& model_output, const at::Tensor& model_output_uncond,
+at::Tensor cfg_rescale_factor_cpu(const at::Tensor& model_output, const at::Tensor& uncond,
                                   double guidance_scale, double guidance_rescale) {
-  PreparedRescale s = prepare_rescale(model_output, model_output_uncond, guidance_scale, guidance_rescale);
+  PreparedRescale s = prepare_rescale(model_output, uncond, guidance_scale, guidance_rescale);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, model_output.scalar_type(),
                                   "fewstep::cfg_rescale_factor", [&] { rescale_cpu<scalar_t>(s.params); });
   return s.factor;
@@ -226,12 +225,12 @@ at::Tensor cfg_rescale_factor_cpu(const at::Tensor& model_output, const at::Tens
 TORCH_LIBRARY_FRAGMENT(fewstep, m) {
   m.impl_abstract_pystub("fewstep.ops.sampler_step");
   m.def(
-      "sampler_step(Tensor x, Tensor model_output, Tensor? model_output_uncond, Tensor? noise, "
+      "sampler_step(Tensor x, Tensor model_output, Tensor? uncond, Tensor? noise, "
       "Tensor? prev_x0, Tensor? cfg_rescale, float[] coeffs, float guidance_scale, float clip_x0, "
       "bool return_x0) -> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
   m.def(
-      "cfg_rescale_factor(Tensor model_output, Tensor model_output_uncond, float guidance_scale, "
+      "cfg_rescale_factor(Tensor cond, Tensor uncond, float guidance_scale, "
       "float guidance_rescale) -> Tensor",
       {at::Tag::pt2_compliant_tag});
 }

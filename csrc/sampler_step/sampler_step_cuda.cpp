@@ -12,23 +12,23 @@ namespace sampler_step {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> sampler_step_cuda(
-    const at::Tensor& x, const at::Tensor& model_output, const c10::optional<at::Tensor>& model_output_uncond,
+    const at::Tensor& x, const at::Tensor& model_output, const c10::optional<at::Tensor>& uncond,
     const c10::optional<at::Tensor>& noise, const c10::optional<at::Tensor>& prev_x0,
     const c10::optional<at::Tensor>& cfg_rescale, c10::ArrayRef<double> coeffs, double guidance_scale,
     double clip_x0, bool return_x0) {
   const c10::cuda::CUDAGuard guard(x.device());
-  PreparedStep s = prepare_step(x, model_output, model_output_uncond, noise, prev_x0, cfg_rescale, coeffs,
+  PreparedStep s = prepare_step(x, model_output, uncond, noise, prev_x0, cfg_rescale, coeffs,
                                 guidance_scale, clip_x0, return_x0);
   const cudaError_t err = launch_step_cuda(s.params, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "fewstep::sampler_step: CUDA launch failed: ", cudaGetErrorString(err));
   return {s.out, s.x0_out};
 }
 
-at::Tensor cfg_rescale_factor_cuda(const at::Tensor& model_output, const at::Tensor& model_output_uncond,
+at::Tensor cfg_rescale_factor_cuda(const at::Tensor& model_output, const at::Tensor& uncond,
                                    double guidance_scale, double guidance_rescale) {
   const c10::cuda::CUDAGuard guard(model_output.device());
-  PreparedRescale s = prepare_rescale(model_output, model_output_uncond, guidance_scale, guidance_rescale);
-  TORCH_CHECK_VALUE(s.params.batch <= 65535, "model_output: expected a batch of at most 65535, got ",
+  PreparedRescale s = prepare_rescale(model_output, uncond, guidance_scale, guidance_rescale);
+  TORCH_CHECK_VALUE(s.params.batch <= 65535, "cond: expected a batch of at most 65535, got ",
                     s.params.batch);
   s.params.chunks = rescale_chunks_cuda(s.params.per_sample);
   at::Tensor partials = at::empty({s.params.batch, s.params.chunks, 4}, model_output.options().dtype(at::kDouble));

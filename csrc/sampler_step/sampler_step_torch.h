@@ -18,7 +18,7 @@ struct PreparedStep {
 };
 
 PreparedStep prepare_step(const at::Tensor& x, const at::Tensor& model_output,
-                          const c10::optional<at::Tensor>& model_output_uncond,
+                          const c10::optional<at::Tensor>& uncond,
                           const c10::optional<at::Tensor>& noise, const c10::optional<at::Tensor>& prev_x0,
                           const c10::optional<at::Tensor>& cfg_rescale, c10::ArrayRef<double> coeffs,
                           double guidance_scale, double clip_x0, bool return_x0);
@@ -28,7 +28,7 @@ struct PreparedRescale {
   RescaleParams params;
 };
 
-PreparedRescale prepare_rescale(const at::Tensor& model_output, const at::Tensor& model_output_uncond,
+PreparedRescale prepare_rescale(const at::Tensor& model_output, const at::Tensor& uncond,
                                 double guidance_scale, double guidance_rescale);
 
 DType to_dtype(at::ScalarType t);

@@ -20,7 +20,7 @@ def check_tensor(name: str, t, *, dtypes: Iterable[torch.dtype] = FLOAT_DTYPES) 
     if t.dtype not in dtypes:
         raise TypeError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
     if t.numel() == 0:
-        raise ValueError(f"{name}: expected a non-empty tensor, got shape {tuple(t.shape)}")
+        raise ValueError(f"{name}: expected a non-empty tensor, got shape {list(t.shape)}")
 
 
 def check_like(name: str, t: Optional[torch.Tensor], ref_name: str, ref: torch.Tensor) -> None:
@@ -29,8 +29,8 @@ def check_like(name: str, t: Optional[torch.Tensor], ref_name: str, ref: torch.T
         return
     check_tensor(name, t)
     if t.shape != ref.shape:
-        raise ValueError(f"{name}: expected shape {tuple(ref.shape)} (the shape of {ref_name}), "
-                         f"got {tuple(t.shape)}")
+        raise ValueError(f"{name}: expected shape {list(ref.shape)} (the shape of {ref_name}), "
+                         f"got {list(t.shape)}")
     if t.dtype != ref.dtype:
         raise TypeError(f"{name}: expected dtype {ref.dtype} (the dtype of {ref_name}), got {t.dtype}")
     if t.device != ref.device:

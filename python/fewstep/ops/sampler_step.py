@@ -13,6 +13,7 @@ from typing import Optional, Union
 import torch
 
 from fewstep import _C, _checks, _dispatch
+from fewstep.ops.sampler_step_checks import check_rescale_args, check_step_args
 from fewstep.reference.sampler_step import (COEFF_NAMES, cfg_rescale_factor_reference,
                                             sampler_step_reference)
 
@@ -56,14 +57,17 @@ def _fake_outputs(x: torch.Tensor, return_x0: bool) -> tuple[torch.Tensor, torch
 
 if _C is not None:
     @torch.library.register_fake("fewstep::sampler_step")
-    def _sampler_step_fake(x, model_output, model_output_uncond, noise, prev_x0, cfg_rescale,
-                           coeffs, guidance_scale, clip_x0, return_x0):
+    def _sampler_step_fake(x, model_output, uncond, noise, prev_x0, cfg_rescale, coeffs, guidance_scale,
+                           clip_x0, return_x0):
+        check_step_args(x, model_output, uncond, noise, prev_x0, cfg_rescale, coeffs, guidance_scale, clip_x0,
+                        return_x0)
         return _fake_outputs(x, return_x0)
 
     @torch.library.register_fake("fewstep::cfg_rescale_factor")
-    def _cfg_rescale_factor_fake(model_output, model_output_uncond, guidance_scale, guidance_rescale):
-        dtype = torch.float64 if model_output.dtype == torch.float64 else torch.float32
-        return model_output.new_empty(model_output.shape[0], dtype=dtype)
+    def _cfg_rescale_factor_fake(cond, uncond, guidance_scale, guidance_rescale):
+        check_rescale_args(cond, uncond, guidance_scale, guidance_rescale)
+        dtype = torch.float64 if cond.dtype == torch.float64 else torch.float32
+        return cond.new_empty(cond.shape[0], dtype=dtype)
 
 
 def _setup_step_context(ctx, inputs, output):
@@ -129,13 +133,7 @@ def cfg_rescale_factor(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale:
                        guidance_rescale: float) -> torch.Tensor:
     """Per-sample factor ``phi * std(cond) / std(guided) + 1 - phi`` of CFG rescale (float64 for
     float64 inputs, float32 otherwise)."""
-    _checks.check_tensor("cond", cond)
-    _checks.check_like("uncond", uncond, "cond", cond)
-    if cond.dim() < 2:
-        raise ValueError(f"cond: expected a batched tensor [B, ...] with at least 2 dims, got shape "
-                         f"{tuple(cond.shape)}")
-    _checks.check_finite("guidance_scale", guidance_scale)
-    _checks.check_finite("guidance_rescale", guidance_rescale)
+    check_rescale_args(cond, uncond, guidance_scale, guidance_rescale)
     # A small reduction with no Triton kernel: a forced 'triton' runs the compiled one.
     name = _dispatch.select("cfg_rescale_factor", cond.device)
     if name == "reference" or (name == "triton" and _C is None):
@@ -162,22 +160,9 @@ def sampler_step(
     ``model_output`` is the conditional prediction when ``uncond`` is given (CFG fused into
     the step); ``guidance_rescale`` > 0 adds CFG rescale (one extra reduction launch).
     """
-    _checks.check_tensor("x", x)
-    _checks.check_like("model_output", model_output, "x", x)
-    _checks.check_like("uncond", uncond, "x", x)
-    _checks.check_like("noise", noise, "x", x)
-    _checks.check_like("prev_x0", prev_x0, "x", x)
     if not isinstance(coeffs, StepCoeffs):
         raise TypeError(f"coeffs: expected fewstep.ops.StepCoeffs, got {type(coeffs).__name__}")
-    _checks.check_finite("guidance_scale", guidance_scale)
     _checks.check_finite("guidance_rescale", guidance_rescale)
-    if not (clip_x0 > 0):
-        raise ValueError(f"clip_x0: expected a positive bound (math.inf for none), got {clip_x0!r}")
-    if noise is None and (coeffs.o_z != 0.0 or coeffs.k_churn != 0.0):
-        raise ValueError(f"noise: expected a tensor because coeffs.o_z={coeffs.o_z} and "
-                         f"coeffs.k_churn={coeffs.k_churn} use it, got None")
-    if prev_x0 is None and coeffs.o_p != 0.0:
-        raise ValueError(f"prev_x0: expected a tensor because coeffs.o_p={coeffs.o_p} uses it, got None")
     rescale = None
     if guidance_rescale != 0.0:
         if uncond is None:
@@ -186,14 +171,25 @@ def sampler_step(
         rescale = cfg_rescale_factor(model_output, uncond, guidance_scale, guidance_rescale)
     args = (x, model_output, uncond, noise, prev_x0, rescale, coeffs.as_list(),
             float(guidance_scale), float(clip_x0), bool(return_x0))
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     backend = _dispatch.select("sampler_step", x.device)
     if backend == "reference":
+        check_step_args(*args)
         x_next, x0 = sampler_step_reference(*args)
-    elif backend == "triton":
-        x_next, x0 = torch.ops.fewstep.sampler_step_triton(*args)
-    else:
-        x_next, x0 = torch.ops.fewstep.sampler_step(*args)
+    else:  # the C++ ops and the Triton op check their arguments themselves
+        op = torch.ops.fewstep.sampler_step_triton if backend == "triton" else torch.ops.fewstep.sampler_step
+        x_next, x0 = _call_maybe_below_autograd(op, args)
     return (x_next, x0) if return_x0 else x_next
+
+
+def _call_maybe_below_autograd(op, args):
+    """Calls ``op``; when no gradient can flow, skips its Python autograd kernel (about half the
+    per-call host overhead of a small step, which dominates few-step loops)."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and torch._C._any_requires_grad(*args[:6])):
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
 
 
 # torch.ops.fewstep.sampler_step_triton (imports triton lazily on first use); same backward.

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from fewstep import _checks
+from fewstep.ops.sampler_step_checks import check_step_args
 
 BLOCK = 2048
 NUM_WARPS = 8
@@ -59,30 +60,17 @@ def _kernel():
     return triton, sampler_step_kernel
 
 
-def _check(x, model_output, model_output_uncond, noise, prev_x0, cfg_rescale, coeffs):
-    _checks.check_tensor("x", x, dtypes=_DTYPES)
-    for name, t in (("model_output", model_output), ("model_output_uncond", model_output_uncond),
-                    ("noise", noise), ("prev_x0", prev_x0)):
-        _checks.check_like(name, t, "x", x)
-    if len(coeffs) != 14:
-        raise ValueError(f"coeffs: expected 14 coefficients (StepCoeffs.as_list()), got {len(coeffs)}")
-    if cfg_rescale is not None:
-        batch = x.shape[0] if x.dim() else 1
-        if cfg_rescale.dtype != torch.float32 or cfg_rescale.shape != (batch,) or cfg_rescale.device != x.device:
-            raise ValueError(f"cfg_rescale: expected a float32 tensor of shape ({batch},) on {x.device}, got "
-                             f"{cfg_rescale.dtype} {tuple(cfg_rescale.shape)} on {cfg_rescale.device}")
-
-
 @torch.library.custom_op("fewstep::sampler_step_triton", mutates_args=())
-def sampler_step_triton(x: torch.Tensor, model_output: torch.Tensor, model_output_uncond: Optional[torch.Tensor],
+def sampler_step_triton(x: torch.Tensor, model_output: torch.Tensor, uncond: Optional[torch.Tensor],
                         noise: Optional[torch.Tensor], prev_x0: Optional[torch.Tensor],
                         cfg_rescale: Optional[torch.Tensor], coeffs: list[float], guidance_scale: float,
                         clip_x0: float, return_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    _check(x, model_output, model_output_uncond, noise, prev_x0, cfg_rescale, coeffs)
+    _checks.check_tensor("x", x, dtypes=_DTYPES)  # Triton computes in fp32: no float64
+    check_step_args(x, model_output, uncond, noise, prev_x0, cfg_rescale, coeffs, guidance_scale, clip_x0, return_x0)
     triton, kernel = _kernel()
     contiguous = lambda t: t.contiguous() if t is not None else None  # noqa: E731
     x, model_output = x.contiguous(), model_output.contiguous()
-    u, z, p = contiguous(model_output_uncond), contiguous(noise), contiguous(prev_x0)
+    u, z, p = contiguous(uncond), contiguous(noise), contiguous(prev_x0)
     out = torch.empty_like(x)
     x0 = torch.empty_like(x) if return_x0 else x.new_empty(0)
     numel = x.numel()
@@ -100,8 +88,10 @@ def sampler_step_triton(x: torch.Tensor, model_output: torch.Tensor, model_outpu
 
 
 @sampler_step_triton.register_fake
-def _(x, model_output, model_output_uncond, noise, prev_x0, cfg_rescale, coeffs, guidance_scale, clip_x0,
+def _(x, model_output, uncond, noise, prev_x0, cfg_rescale, coeffs, guidance_scale, clip_x0,
       return_x0):
+    _checks.check_tensor("x", x, dtypes=_DTYPES)
+    check_step_args(x, model_output, uncond, noise, prev_x0, cfg_rescale, coeffs, guidance_scale, clip_x0, return_x0)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     x0 = torch.empty_like(x, memory_format=torch.contiguous_format) if return_x0 else x.new_empty(0)
     return out, x0
