@@ -8,7 +8,8 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
 # The GPU machine's default CXX (/opt/gcc/bin/g++, a wrapper around GCC 13) builds extensions —
 # torch's own cpp_extension ones included — that segfault in the first C++ error message that
-# formats a number (a libstdc++ facet mismatch); the system g++ builds working ones.
+# formats a number (a libstdc++ facet mismatch); the system g++ (with CMakeLists.txt naming the
+# shared libstdc++) builds working ones.
 if [ "${CXX:-}" = /opt/gcc/bin/g++ ] && [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++; fi
 if [ -d .whl ]; then  # test-only wheels carried to a machine without network (diffusers)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
