@@ -186,6 +186,16 @@ def vp_alphas_cumprod(num_train_timesteps: int, beta_start: float, beta_end: flo
                                     trained_betas, rescale_betas_zero_snr).tolist()
 
 
+def vp_train_sigmas(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
+                    trained_betas: Optional[Sequence[float]], rescale_betas_zero_snr: bool) -> torch.Tensor:
+    """sigma = sqrt((1 - abar) / abar) per train timestep (float64), for the sigma-form samplers."""
+    abar = vp_alphas_cumprod(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                             rescale_betas_zero_snr)
+    if rescale_betas_zero_snr:  # diffusers keeps sigma finite at the last train step
+        abar[-1] = 2.0 ** -24
+    return schedules.vp_sigmas(torch.tensor(abar, dtype=torch.float64))
+
+
 def check_timestep_count(num_steps: int, limit: int, limit_name: str) -> None:
     if num_steps > limit:
         raise ValueError(f"num_steps: expected at most {limit} ({limit_name}), got {num_steps}")

@@ -9,7 +9,7 @@ import torch
 from fewstep.ops import StepCoeffs
 from fewstep.samplers import schedules
 from fewstep.samplers.base import (PREDICTION_TYPES, Sampler, StepPlan, check_bool, check_choice, check_int,
-                                   vp_alphas_cumprod, vp_x0_and_eps)
+                                   vp_train_sigmas, vp_x0_and_eps)
 from fewstep.samplers.schedules import to_float32
 
 
@@ -40,11 +40,8 @@ class DPMSolverMultistepSampler(Sampler):
                  use_karras_sigmas: bool = False, final_sigmas_type: str = "zero", timestep_spacing: str = "linspace",
                  steps_offset: int = 0, rescale_betas_zero_snr: bool = False) -> None:
         super().__init__()
-        abar = vp_alphas_cumprod(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-                                 rescale_betas_zero_snr)
-        if rescale_betas_zero_snr:  # diffusers keeps sigma finite at the last train step
-            abar[-1] = 2.0 ** -24
-        self.train_sigmas = schedules.vp_sigmas(torch.tensor(abar, dtype=torch.float64))
+        self.train_sigmas = vp_train_sigmas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                                            rescale_betas_zero_snr)
         self.num_train_timesteps = num_train_timesteps
         # diffusers rounds Karras timesteps to integers except for the cosine schedule (then truncates).
         self.round_karras_timesteps = beta_schedule != "squaredcos_cap_v2"

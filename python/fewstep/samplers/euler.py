@@ -11,7 +11,7 @@ import torch
 from fewstep.ops import StepCoeffs
 from fewstep.samplers import schedules
 from fewstep.samplers.base import (PREDICTION_TYPES, Sampler, StepPlan, check_bool, check_choice,
-                                   check_int, check_number, vp_alphas_cumprod)
+                                   check_int, check_number, vp_train_sigmas)
 from fewstep.samplers.schedules import to_float32
 
 
@@ -31,11 +31,8 @@ class EulerSampler(Sampler):
                  final_sigmas_type: str = "zero", s_churn: float = 0.0, s_tmin: float = 0.0,
                  s_tmax: float = math.inf, s_noise: float = 1.0) -> None:
         super().__init__()
-        abar = vp_alphas_cumprod(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-                                 rescale_betas_zero_snr)
-        if rescale_betas_zero_snr:  # diffusers keeps sigma finite at the last train step
-            abar[-1] = 2.0 ** -24
-        self.train_sigmas = schedules.vp_sigmas(torch.tensor(abar, dtype=torch.float64))
+        self.train_sigmas = vp_train_sigmas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                                            rescale_betas_zero_snr)
         self.num_train_timesteps = num_train_timesteps
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         self.prediction_type = prediction_type
