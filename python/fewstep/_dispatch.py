@@ -101,15 +101,22 @@ def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
 # Evaluated while tracing and baked into the graph: a compiled function keeps the backend that
 # was in force when it was compiled.
 @torch.compiler.assume_constant_result
-def select(op: str, device: torch.device, gpu_default: str = "cuda") -> str:
-    """The backend that runs ``op`` on ``device``; raises if a forced one cannot."""
+def select(op: str, device: torch.device, gpu_default: str = "cuda", has_triton: bool = True) -> str:
+    """The backend that runs ``op`` on ``device``; raises if a forced one cannot.
+
+    An op without a Triton kernel (``has_triton=False``) runs its compiled kernel, or else the
+    reference, where Triton is asked for or is the only GPU backend."""
     name = requested_backend()
+    compiled = "cuda" if device.type == "cuda" else "cpu"
+    gpu_fallback = "triton" if has_triton else "reference"
+    if name == "triton" and not has_triton:
+        return compiled if unavailable_reason(compiled, device) is None else "reference"
     if name == "auto":
         name = gpu_default if device.type == "cuda" else "cpu"
         if unavailable_reason(name, device) is None:
             return name
-        if device.type == "cuda" and unavailable_reason("triton", device) is None:
-            return "triton"
+        if device.type == "cuda" and unavailable_reason(gpu_fallback, device) is None:
+            return gpu_fallback
     reason = unavailable_reason(name, device)
     if reason is not None:
         raise BackendUnavailableError(f"fewstep.{op}: backend {name!r} is unavailable: {reason}")

@@ -134,9 +134,8 @@ def cfg_rescale_factor(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale:
     """Per-sample factor ``phi * std(cond) / std(guided) + 1 - phi`` of CFG rescale (float64 for
     float64 inputs, float32 otherwise)."""
     check_rescale_args(cond, uncond, guidance_scale, guidance_rescale)
-    # A small reduction with no Triton kernel: a forced 'triton' runs the compiled one.
-    name = _dispatch.select("cfg_rescale_factor", cond.device)
-    if name == "reference" or (name == "triton" and _C is None):
+    name = _dispatch.select("cfg_rescale_factor", cond.device, has_triton=False)
+    if name == "reference":
         return cfg_rescale_factor_reference(cond, uncond, guidance_scale, guidance_rescale)
     return torch.ops.fewstep.cfg_rescale_factor(cond, uncond, float(guidance_scale),
                                                 float(guidance_rescale))
@@ -158,8 +157,11 @@ def sampler_step(
     """One fused sampler update; returns ``x_next`` (and the denoised estimate if asked).
 
     ``model_output`` is the conditional prediction when ``uncond`` is given (CFG fused into
-    the step); ``guidance_rescale`` > 0 adds CFG rescale (one extra reduction launch).
+    the step); ``guidance_rescale`` > 0 adds CFG rescale (one extra reduction launch). Scalars are
+    Python numbers: they travel to the kernel as arguments, never read back from the device.
     """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     if not isinstance(coeffs, StepCoeffs):
         raise TypeError(f"coeffs: expected fewstep.ops.StepCoeffs, got {type(coeffs).__name__}")
     _checks.check_finite("guidance_rescale", guidance_rescale)
@@ -171,8 +173,6 @@ def sampler_step(
         rescale = cfg_rescale_factor(model_output, uncond, guidance_scale, guidance_rescale)
     args = (x, model_output, uncond, noise, prev_x0, rescale, coeffs.as_list(),
             float(guidance_scale), float(clip_x0), bool(return_x0))
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     backend = _dispatch.select("sampler_step", x.device)
     if backend == "reference":
         check_step_args(*args)
