@@ -2,7 +2,7 @@
 
 Backends: ``cpu`` (C++ kernels in ``fewstep._C``), ``cuda`` (CUDA C++ in ``fewstep._C``),
 ``triton`` (Triton kernels; on CPU tensors only under ``TRITON_INTERPRET=1``) and
-``reference`` (pure PyTorch, always available, slow). ``auto`` picks the compiled kernel
+``reference`` (the op's unfused eager-PyTorch reference, always available, slow). ``auto`` picks the compiled kernel
 for the tensor's device, or the op's preferred GPU backend.
 
 Force one with ``with fewstep.backend("triton"): ...`` or ``FEWSTEP_BACKEND=triton``.

@@ -174,9 +174,10 @@ def sampler_step(
     args = (x, model_output, uncond, noise, prev_x0, rescale, coeffs.as_list(),
             float(guidance_scale), float(clip_x0), bool(return_x0))
     backend = _dispatch.select("sampler_step", x.device)
-    if backend == "reference":
+    if backend == "reference":  # unfused eager PyTorch, in the kernels' compute precision
         check_step_args(*args)
-        x_next, x0 = sampler_step_reference(*args)
+        x_next, x0 = sampler_step_reference(*args, compute_dtype=torch.float64 if x.dtype == torch.float64
+                                            else torch.float32)
     else:  # the C++ ops and the Triton op check their arguments themselves
         op = torch.ops.fewstep.sampler_step_triton if backend == "triton" else torch.ops.fewstep.sampler_step
         x_next, x0 = _call_maybe_below_autograd(op, args)
