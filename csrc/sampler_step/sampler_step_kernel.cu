@@ -39,10 +39,11 @@ __device__ __forceinline__ Vec<T, N> load_vec(const void* base, int64_t i) {
 template <typename T, int N>
 __global__ void __launch_bounds__(kThreads) step_kernel(const StepParams p, int64_t num_vecs) {
   using C = typename Compute<T>::type;
-  const C k_churn = p.coeffs[kChurn], a_x = p.coeffs[kAx], a_m = p.coeffs[kAm];
-  const C e_x = p.coeffs[kEx], e_m = p.coeffs[kEm], e_0 = p.coeffs[kE0];
-  const C o_x = p.coeffs[kOx], o_m = p.coeffs[kOm], o_0 = p.coeffs[kO0], o_e = p.coeffs[kOe];
-  const C o_p = p.coeffs[kOp], o_z = p.coeffs[kOz], d_x = p.coeffs[kDx], d_0 = p.coeffs[kD0];
+  const double* k = p.coeffs;
+  const C k_churn = k[kChurn], a_x = k[kAx], a_m = k[kAm];
+  // eps folded into the output's coefficients: out = c_xt xt + c_m m + c_0 x0 + o_p p + o_z z.
+  const C c_xt = k[kOx] + k[kOe] * k[kEx], c_m = k[kOm] + k[kOe] * k[kEm], c_0 = k[kO0] + k[kOe] * k[kE0];
+  const C o_p = k[kOp], o_z = k[kOz], d_x = k[kDx], d_0 = k[kD0];
   const C w = p.guidance_scale, clip = p.clip;
   const bool do_clip = isfinite(p.clip);
 
@@ -77,8 +78,7 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepParams p, int6
       const C xt = to_compute(x[k].v[j]) + k_churn * zv;
       C x0 = a_x * xt + a_m * mv;
       if (do_clip) x0 = x0 < -clip ? -clip : (x0 > clip ? clip : x0);  // keeps NaN, as torch.clamp
-      const C eps = e_x * xt + e_m * mv + e_0 * x0;
-      C r = o_x * xt + o_m * mv + o_0 * x0 + o_e * eps + o_z * zv;
+      C r = c_xt * xt + c_m * mv + c_0 * x0 + o_z * zv;
       if (p.prev_x0) r += o_p * to_compute(pr[k].v[j]);
       out.v[j] = from_compute<T>(r);
       den.v[j] = from_compute<T>(d_x * xt + d_0 * x0);
