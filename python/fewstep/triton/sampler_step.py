@@ -59,6 +59,12 @@ def _kernel():
     return triton, sampler_step_kernel
 
 
+def _check_args(x, *rest) -> None:
+    """The op's checks (shared with the C++ op), plus Triton's dtypes: it computes in fp32, no float64."""
+    _checks.check_tensor("x", x, dtypes=_DTYPES)
+    check_step_args(x, *rest)
+
+
 def _folded(coeffs: list[float]) -> list[float]:
     """The coefficients with eps folded into the output's (as the C++ kernels do): three
     multiply-adds fewer per element."""
@@ -72,8 +78,7 @@ def sampler_step_triton(x: torch.Tensor, model_output: torch.Tensor, uncond: Opt
                         noise: Optional[torch.Tensor], prev_x0: Optional[torch.Tensor],
                         cfg_rescale: Optional[torch.Tensor], coeffs: list[float], guidance_scale: float,
                         clip_x0: float, return_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    _checks.check_tensor("x", x, dtypes=_DTYPES)  # Triton computes in fp32: no float64
-    check_step_args(x, model_output, uncond, noise, prev_x0, cfg_rescale, coeffs, guidance_scale, clip_x0, return_x0)
+    _check_args(x, model_output, uncond, noise, prev_x0, cfg_rescale, coeffs, guidance_scale, clip_x0, return_x0)
     triton, kernel = _kernel()
     contiguous = lambda t: t.contiguous() if t is not None else None  # noqa: E731
     x, model_output = x.contiguous(), model_output.contiguous()
@@ -97,8 +102,7 @@ def sampler_step_triton(x: torch.Tensor, model_output: torch.Tensor, uncond: Opt
 @sampler_step_triton.register_fake
 def _(x, model_output, uncond, noise, prev_x0, cfg_rescale, coeffs, guidance_scale, clip_x0,
       return_x0):
-    _checks.check_tensor("x", x, dtypes=_DTYPES)
-    check_step_args(x, model_output, uncond, noise, prev_x0, cfg_rescale, coeffs, guidance_scale, clip_x0, return_x0)
+    _check_args(x, model_output, uncond, noise, prev_x0, cfg_rescale, coeffs, guidance_scale, clip_x0, return_x0)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     x0 = torch.empty_like(x, memory_format=torch.contiguous_format) if return_x0 else x.new_empty(0)
     return out, x0
