@@ -11,11 +11,11 @@ except ImportError as e:  # reported by the dispatcher when a compiled backend i
     _C_error = f"{type(e).__name__}: {e}"
 
 from fewstep._dispatch import BACKENDS, BackendUnavailableError, backend
-from fewstep import ops, samplers
+from fewstep import finetune, ops, samplers
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "backend", "build_info", "ops", "samplers"]
+__all__ = ["BACKENDS", "BackendUnavailableError", "backend", "build_info", "finetune", "ops", "samplers"]
 
 
 def build_info() -> dict:

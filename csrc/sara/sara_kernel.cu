@@ -1,0 +1,144 @@
+// CUDA kernels of SaRA's sparse gradient gather and sparse AdamW. No torch headers.
+//
+// One warp handles one work unit. For a bitmask unit (1024 dense elements = 32 words) lane j
+// loads word j, the warp scans the popcounts, and then for each word in turn lane l handles
+// bit l: the warp touches 32 consecutive elements per iteration (coalesced), and an entry's
+// compact slot is its chunk offset + the words before it + the set bits below it.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "sara/sara_cuda.h"
+
+namespace fewstep {
+namespace sara {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarpsPerBlock = kThreads / 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+__device__ __forceinline__ float load_as_float(const void* base, DType dt, int64_t i) {
+  switch (dt) {
+    case DType::kFloat16: return __half2float(static_cast<const __half*>(base)[i]);
+    case DType::kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]);
+    default: return static_cast<const float*>(base)[i];
+  }
+}
+
+__device__ __forceinline__ void store_from_float(void* base, DType dt, int64_t i, float v) {
+  switch (dt) {
+    case DType::kFloat16: static_cast<__half*>(base)[i] = __float2half_rn(v); break;
+    case DType::kBFloat16: static_cast<__nv_bfloat16*>(base)[i] = __float2bfloat16_rn(v); break;
+    default: static_cast<float*>(base)[i] = v;
+  }
+}
+
+// Calls f(dense_index, compact_slot) for every selected entry of `unit`. Slots are checked
+// against k and dense indices against numel, so an inconsistent selection cannot write out
+// of bounds.
+template <class F>
+__device__ __forceinline__ void for_each_selected(Format format, const int32_t* selection,
+                                                  const int32_t* chunk_offsets, int64_t numel, int64_t k,
+                                                  int64_t unit, F&& f) {
+  const int lane = threadIdx.x & 31;
+  if (format == Format::kIndices) {
+    const int64_t first = unit * kUnitEntries;
+    for (int j = 0; j < 32; ++j) {
+      const int64_t slot = first + j * 32 + lane;
+      if (slot < k) {
+        const int64_t dense = selection[slot];
+        if (dense >= 0 && dense < numel) f(dense, slot);
+      }
+    }
+    return;
+  }
+  const int64_t num_words = (numel + 31) / 32;
+  const int64_t word_index = unit * 32 + lane;
+  uint32_t word = 0;
+  if (word_index < num_words) {
+    word = static_cast<uint32_t>(selection[word_index]);
+    const int tail = static_cast<int>(numel & 31);
+    if (word_index == num_words - 1 && tail != 0) word &= (1u << tail) - 1u;
+  }
+  const int count = __popc(word);
+  int inclusive = count;
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+    const int y = __shfl_up_sync(kFullMask, inclusive, d);
+    if (lane >= d) inclusive += y;
+  }
+  const int exclusive = inclusive - count;
+  const int64_t chunk_slot = chunk_offsets[unit];
+  for (int j = 0; j < 32; ++j) {
+    const uint32_t wj = __shfl_sync(kFullMask, word, j);
+    if (wj == 0) continue;  // warp-uniform
+    const int before = __shfl_sync(kFullMask, exclusive, j);
+    if ((wj >> lane) & 1u) {
+      const int64_t slot = chunk_slot + before + __popc(wj & ((1u << lane) - 1u));
+      if (slot >= 0 && slot < k) f(unit * kChunk + j * 32 + lane, slot);
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) gather_kernel(const GatherParams p, int64_t num_units) {
+  const int64_t unit = blockIdx.x * (int64_t)kWarpsPerBlock + threadIdx.x / 32;
+  if (unit >= num_units) return;  // warp-uniform
+  for_each_selected(p.format, p.selection, p.chunk_offsets, p.numel, p.k, unit,
+                    [&](int64_t dense, int64_t slot) {
+                      p.out[slot] += p.scale * load_as_float(p.grad, p.grad_dtype, dense);
+                    });
+}
+
+__global__ void __launch_bounds__(kThreads) adamw_kernel(const AdamWParams p, const TensorTable t) {
+  const int64_t unit = blockIdx.x * (int64_t)kWarpsPerBlock + threadIdx.x / 32;
+  if (unit >= t.unit_begin[t.num_tensors]) return;  // warp-uniform
+  int lo = 0, hi = t.num_tensors - 1;  // last tensor whose first unit is <= unit
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (t.unit_begin[mid] <= unit) lo = mid; else hi = mid - 1;
+  }
+  const int i = lo;
+  const int64_t cb = t.compact_begin[i], mb = t.master_begin[i];
+  void* const weight = t.weight[i];
+  const DType dt = t.dtype[i];
+  const int32_t* sel = p.selection + t.sel_begin[i];
+  const int32_t* chunks = p.chunk_offsets + t.chunk_begin[i];
+  for_each_selected(t.format[i], sel, chunks, t.numel[i], t.k[i], unit - t.unit_begin[i],
+                    [&](int64_t dense, int64_t slot) {
+                      const int64_t c = cb + slot;
+                      const float g = p.grad[c];
+                      float m = p.exp_avg[c], v = p.exp_avg_sq[c];
+                      float x = mb >= 0 ? p.master[mb + slot] : load_as_float(weight, dt, dense);
+                      x *= p.decay;
+                      m += p.one_minus_beta1 * (g - m);
+                      v = v * p.beta2 + p.one_minus_beta2 * g * g;
+                      x -= p.step_size * (m / (sqrtf(v) / p.bc2_sqrt + p.eps));
+                      p.exp_avg[c] = m;
+                      p.exp_avg_sq[c] = v;
+                      if (mb >= 0) p.master[mb + slot] = x;
+                      store_from_float(weight, dt, dense, x);
+                    });
+}
+
+int64_t blocks_for(int64_t units) { return (units + kWarpsPerBlock - 1) / kWarpsPerBlock; }
+
+}  // namespace
+
+cudaError_t launch_gather_cuda(const GatherParams& p, cudaStream_t stream) {
+  const int64_t units = num_units(p.format, p.numel, p.k);
+  if (units == 0) return cudaSuccess;
+  gather_kernel<<<blocks_for(units), kThreads, 0, stream>>>(p, units);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_adamw_cuda(const AdamWParams& p, const TensorTable& table, cudaStream_t stream) {
+  const int64_t units = table.unit_begin[table.num_tensors];
+  if (units == 0) return cudaSuccess;
+  adamw_kernel<<<blocks_for(units), kThreads, 0, stream>>>(p, table);
+  return cudaGetLastError();
+}
+
+}  // namespace sara
+}  // namespace fewstep
