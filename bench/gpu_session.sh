@@ -24,6 +24,6 @@ fi
 echo "build: $(( $(date +%s) - start )) s"
 grep -E "fewstep: (CUDA|torch)" "$OUT/build.log"
 python3 -c "import fewstep; print(fewstep.build_info())"
-python3 -m pytest tests -q -ra -p no:cacheprovider --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1
+python3 -m pytest ${FEWSTEP_TESTS:-tests} -q -ra -p no:cacheprovider --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1
 echo "tests rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -25
 python3 bench/run_gpu.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | tail -80

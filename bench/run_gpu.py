@@ -14,9 +14,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import sampler_step_gpu  # noqa: E402
 import samplers_gpu  # noqa: E402
+import sara_gpu  # noqa: E402
 
 SUITES = {"sampler_step": lambda rec, c: sampler_step_gpu.run(rec, c["copy_GBps"]),
-          "loop4": lambda rec, c: samplers_gpu.run(rec)}
+          "loop4": lambda rec, c: samplers_gpu.run(rec),
+          "sara": lambda rec, c: sara_gpu.run(rec, c["copy_GBps"])}
 
 
 def main():
@@ -34,12 +36,15 @@ def main():
     for name in args.only or SUITES:
         SUITES[name](rec, ceilings)
     gpu = torch.cuda.get_device_name().replace(" ", "-").replace("/", "-")
-    stem = os.path.join(args.out, f"{datetime.date.today().isoformat()}-{gpu}")
+    suffix = "-" + "-".join(args.only) if args.only else ""
+    stem = os.path.join(args.out, f"{datetime.date.today().isoformat()}-{gpu}{suffix}")
     os.makedirs(args.out, exist_ok=True)
     rec.write(stem + ".json", stem + ".md", ceilings,
               notes="pct_of_copy_bw: bytes the step must move (inputs read once, outputs written once) over "
                     "the median time, as a share of the copy bandwidth above. loop4 times are host wall time "
-                    "of a whole 4-step loop (launch overhead included), the model outputs precomputed.")
+                    "of a whole 4-step loop (launch overhead included), the model outputs precomputed. sara_train times are "
+                    "CUDA-event medians of whole training steps (forward, backward, optimizer step, zero_grad); "
+                    "peak_GiB is torch.cuda.max_memory_allocated over the timed steps.")
     print("wrote", stem + ".json")
 
 

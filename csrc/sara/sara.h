@@ -16,7 +16,7 @@ namespace fewstep {
 namespace sara {
 
 constexpr int64_t kChunk = 1024;       // elements per bitmask chunk = 32 words
-constexpr int64_t kUnitEntries = 1024; // compact entries per work unit of an index selection
+constexpr int64_t kUnitEntries = 256;  // compact entries per work unit of an index selection
 
 enum class Format : uint8_t { kIndices = 0, kBitmask = 1 };
 enum class DType : uint8_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };

@@ -1,9 +1,8 @@
 // CUDA kernels of SaRA's sparse gradient gather and sparse AdamW. No torch headers.
 //
 // One warp handles one work unit. For a bitmask unit (1024 dense elements = 32 words) lane j
-// loads word j, the warp scans the popcounts, and then for each word in turn lane l handles
-// bit l: the warp touches 32 consecutive elements per iteration (coalesced), and an entry's
-// compact slot is its chunk offset + the words before it + the set bits below it.
+// loads word j and the warp scans the popcounts: an entry's compact slot is its chunk's offset
+// + the set bits of the words before it + the set bits below it in its word.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -37,15 +36,17 @@ __device__ __forceinline__ void store_from_float(void* base, DType dt, int64_t i
 
 // Calls f(dense_index, compact_slot) for every selected entry of `unit`. Slots are checked
 // against k and dense indices against numel, so an inconsistent selection cannot write out
-// of bounds.
+// of bounds. A bitmask unit is first compacted into the warp's shared buffer (the chunk-local
+// offsets of its set bits, in order), so that all 32 lanes then work on consecutive slots: the
+// compact buffers are read coalesced and every lane has a load in flight.
 template <class F>
 __device__ __forceinline__ void for_each_selected(Format format, const int32_t* selection,
                                                   const int32_t* chunk_offsets, int64_t numel, int64_t k,
-                                                  int64_t unit, F&& f) {
+                                                  int64_t unit, uint16_t* warp_buf, F&& f) {
   const int lane = threadIdx.x & 31;
   if (format == Format::kIndices) {
     const int64_t first = unit * kUnitEntries;
-    for (int j = 0; j < 32; ++j) {
+    for (int j = 0; j < kUnitEntries / 32; ++j) {
       const int64_t slot = first + j * 32 + lane;
       if (slot < k) {
         const int64_t dense = selection[slot];
@@ -69,29 +70,31 @@ __device__ __forceinline__ void for_each_selected(Format format, const int32_t* 
     const int y = __shfl_up_sync(kFullMask, inclusive, d);
     if (lane >= d) inclusive += y;
   }
-  const int exclusive = inclusive - count;
+  int pos = inclusive - count;
+  for (uint32_t bits = word; bits != 0; bits &= bits - 1u) {
+    warp_buf[pos++] = static_cast<uint16_t>(lane * 32 + __ffs(bits) - 1);
+  }
+  __syncwarp();
+  const int total = __shfl_sync(kFullMask, inclusive, 31);
   const int64_t chunk_slot = chunk_offsets[unit];
-  for (int j = 0; j < 32; ++j) {
-    const uint32_t wj = __shfl_sync(kFullMask, word, j);
-    if (wj == 0) continue;  // warp-uniform
-    const int before = __shfl_sync(kFullMask, exclusive, j);
-    if ((wj >> lane) & 1u) {
-      const int64_t slot = chunk_slot + before + __popc(wj & ((1u << lane) - 1u));
-      if (slot >= 0 && slot < k) f(unit * kChunk + j * 32 + lane, slot);
-    }
+  for (int e = lane; e < total; e += 32) {
+    const int64_t slot = chunk_slot + e;
+    if (slot >= 0 && slot < k) f(unit * kChunk + warp_buf[e], slot);
   }
 }
 
 __global__ void __launch_bounds__(kThreads) gather_kernel(const GatherParams p, int64_t num_units) {
+  __shared__ uint16_t buf[kWarpsPerBlock][kChunk];
   const int64_t unit = blockIdx.x * (int64_t)kWarpsPerBlock + threadIdx.x / 32;
   if (unit >= num_units) return;  // warp-uniform
-  for_each_selected(p.format, p.selection, p.chunk_offsets, p.numel, p.k, unit,
+  for_each_selected(p.format, p.selection, p.chunk_offsets, p.numel, p.k, unit, buf[threadIdx.x / 32],
                     [&](int64_t dense, int64_t slot) {
                       p.out[slot] += p.scale * load_as_float(p.grad, p.grad_dtype, dense);
                     });
 }
 
 __global__ void __launch_bounds__(kThreads) adamw_kernel(const AdamWParams p, const TensorTable t) {
+  __shared__ uint16_t buf[kWarpsPerBlock][kChunk];
   const int64_t unit = blockIdx.x * (int64_t)kWarpsPerBlock + threadIdx.x / 32;
   if (unit >= t.unit_begin[t.num_tensors]) return;  // warp-uniform
   int lo = 0, hi = t.num_tensors - 1;  // last tensor whose first unit is <= unit
@@ -105,7 +108,7 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(const AdamWParams p, co
   const DType dt = t.dtype[i];
   const int32_t* sel = p.selection + t.sel_begin[i];
   const int32_t* chunks = p.chunk_offsets + t.chunk_begin[i];
-  for_each_selected(t.format[i], sel, chunks, t.numel[i], t.k[i], unit - t.unit_begin[i],
+  for_each_selected(t.format[i], sel, chunks, t.numel[i], t.k[i], unit - t.unit_begin[i], buf[threadIdx.x / 32],
                     [&](int64_t dense, int64_t slot) {
                       const int64_t c = cb + slot;
                       const float g = p.grad[c];

@@ -136,9 +136,12 @@ def test_rank_penalty_drives_the_update():
     mask = masks_of(opt, model)["weight"]
     (model(torch.randn(2, 90)).sum() * 0).backward()
     opt.step()
-    u, _, vh = torch.linalg.svd(w0 * mask, full_matrices=False)
-    expected = -1e-3 * torch.sign(u @ vh)[mask]
-    torch.testing.assert_close((model.weight.detach() - w0)[mask], expected, rtol=1e-3, atol=1e-7)
+    u, _, vh = torch.linalg.svd((w0 * mask).double(), full_matrices=False)
+    subgradient = (u @ vh)[mask]
+    resolved = subgradient.abs() > 1e-4  # signs of near-zero entries are within the solver's error
+    assert resolved.float().mean() > 0.99
+    expected = -1e-3 * torch.sign(subgradient).float()
+    torch.testing.assert_close((model.weight.detach() - w0)[mask][resolved], expected[resolved], rtol=1e-3, atol=1e-7)
     assert torch.equal(model.weight.detach()[~mask], w0[~mask])
     no_penalty = torch.nn.Linear(90, 80, bias=False)
     no_penalty.weight.data.copy_(w0)
@@ -146,6 +149,16 @@ def test_rank_penalty_drives_the_update():
     (no_penalty(torch.randn(2, 90)).sum() * 0).backward()
     opt0.step()
     assert torch.equal(no_penalty.weight.detach(), w0)
+
+
+@pytest.mark.parametrize("shape,density", [((80, 90), 0.3), ((700, 130), 0.1), ((64, 64), 1.0)])
+def test_polar_factor_matches_svd(shape, density):
+    from fewstep.finetune.sara import polar_factor
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(shape, generator=g, dtype=torch.float64) * (torch.rand(shape, generator=g) < density)
+    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    assert s[-1] / s.norm() > 1e-4  # within the documented resolution
+    torch.testing.assert_close(polar_factor(a).double(), u @ vh, rtol=0, atol=2e-5)
 
 
 def test_progressive_reselection_keeps_moments_of_entries_that_stay():
