@@ -44,7 +44,7 @@ def main():
                     "the median time, as a share of the copy bandwidth above. loop4 times are host wall time "
                     "of a whole 4-step loop (launch overhead included), the model outputs precomputed. sara_train times are "
                     "CUDA-event medians of whole training steps (forward, backward, optimizer step, zero_grad); "
-                    "peak_GiB is torch.cuda.max_memory_allocated over the timed steps.")
+                    "peak_GiB is torch.cuda.max_memory_allocated over the timed steps minus what was allocated before the config was built.")
     print("wrote", stem + ".json")
 
 

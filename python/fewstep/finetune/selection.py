@@ -44,7 +44,7 @@ class TensorSelection:
         if self.format == FORMAT_BITMASK:
             return unpack_bitmask(self.data, self.numel)
         mask = torch.zeros(self.numel, dtype=torch.bool, device=self.data.device)
-        mask[self.data.long()] = True
+        mask.index_fill_(0, self.data.long(), True)  # indexed assignment of a Python scalar syncs on CUDA
         return mask
 
     def indices(self) -> torch.Tensor:
