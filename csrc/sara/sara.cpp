@@ -247,16 +247,21 @@ PreparedAdamW prepare_adamw(at::TensorList weights, const at::Tensor& exp_avg, c
     const int j = t.num_tensors;
     const at::Tensor& w = weights[i];
     const int64_t* row = rows + i * kLayoutCols;
-    const std::string name = "weights[" + std::to_string(i) + "]";
-    TORCH_CHECK_VALUE(w.device() == device, name, ": expected device ", device, " (the device of weights[0]), got ",
+    // Built only when a check fails: this loop runs on every optimizer step.
+    const auto name = [i] { return "weights[" + std::to_string(i) + "]"; };
+    TORCH_CHECK_VALUE(w.device() == device, name(), ": expected device ", device, " (the device of weights[0]), got ",
                       w.device());
-    const DType dt = to_dtype(w.scalar_type(), name.c_str());
-    TORCH_CHECK_VALUE(w.is_contiguous(), name, ": expected a contiguous tensor, got strides ", w.strides(),
+    const at::ScalarType st = w.scalar_type();
+    const DType dt = st == at::kFloat      ? DType::kFloat32
+                     : st == at::kBFloat16 ? DType::kBFloat16
+                     : st == at::kHalf     ? DType::kFloat16
+                                           : to_dtype(st, name().c_str());  // throws
+    TORCH_CHECK_VALUE(w.is_contiguous(), name(), ": expected a contiguous tensor, got strides ", w.strides(),
                       " for shape ", w.sizes());
     const int64_t n = w.numel(), k = row[kColK], cb = row[kColCompactBegin], mb = row[kColMasterBegin];
     const int64_t sb = row[kColSelBegin], chb = row[kColChunkBegin];
     const Format f = to_format(row[kColFormat], "layout[:, 0]");
-    TORCH_CHECK_VALUE(row[kColNumel] == n && n <= kMaxInt32, "layout row ", i, ": expected numel ", n, " (", name,
+    TORCH_CHECK_VALUE(row[kColNumel] == n && n <= kMaxInt32, "layout row ", i, ": expected numel ", n, " (", name(),
                       "'s, at most 2^31-1), got ", row[kColNumel]);
     TORCH_CHECK_VALUE(k >= 0 && k <= n && cb >= 0 && cb + k <= total, "layout row ", i, ": expected 0 <= k <= ", n,
                       " and slots [compact_begin, compact_begin + k) inside grad's ", total, ", got k=", k,
