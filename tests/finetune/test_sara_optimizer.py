@@ -336,3 +336,15 @@ def test_reselect_to_nothing_is_a_clear_error():
             p.add_(1.0)
     with pytest.raises(ValueError, match="reselect: no selected entry is below its threshold any more"):
         opt.reselect()
+
+
+def test_optimizer_and_model_are_freed_when_dropped():
+    import gc
+    import weakref
+    model = make_model()
+    opt = SaRA(model, ratio=0.2)
+    train(model, opt, 1)
+    refs = [weakref.ref(model), weakref.ref(opt), weakref.ref(model.fc1.weight)]
+    del model, opt
+    gc.collect()
+    assert all(r() is None for r in refs), "SaRA keeps the model alive (reference cycle through its hooks)"

@@ -10,6 +10,7 @@ weights). Nothing in a step reads a device value on the host.
 from __future__ import annotations
 
 import random
+import weakref
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
@@ -209,9 +210,18 @@ class SaRA(torch.optim.Optimizer):
         self.param_groups[0]["params"] = list(self._weights)
 
     def _hook_active(self) -> None:
+        # The hook holds the optimizer weakly: a parameter -> hook -> optimizer -> parameter cycle
+        # through autograd's C++ hook storage is invisible to the garbage collector.
+        this = weakref.ref(self)
+
+        def gather(p: torch.Tensor) -> None:
+            opt = this()
+            if opt is not None:
+                opt._gather_hook(p)
+
         for p in self._weights:
             if id(p) not in self._hooks:
-                self._hooks[id(p)] = p.register_post_accumulate_grad_hook(self._gather_hook)
+                self._hooks[id(p)] = p.register_post_accumulate_grad_hook(gather)
 
     def _compact_slices(self, buffer: torch.Tensor, col: int):
         return [buffer[r[col]: r[col] + r[2]] if r[col] >= 0 else None for r in self._layout.tolist()]

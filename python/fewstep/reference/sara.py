@@ -26,7 +26,9 @@ CHUNK = 1024
 COL_FORMAT, COL_NUMEL, COL_K, COL_COMPACT_BEGIN, COL_MASTER_BEGIN, COL_SEL_BEGIN, COL_CHUNK_BEGIN = range(7)
 LAYOUT_COLS = 7
 
-_BIT_WEIGHTS = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8)
+def _bit_weights(device: torch.device) -> torch.Tensor:
+    # made on the device (arange + shift): copying a host constant there would wait for the device
+    return torch.ones(8, dtype=torch.uint8, device=device) << torch.arange(8, dtype=torch.uint8, device=device)
 
 
 def pack_bitmask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,7 +38,7 @@ def pack_bitmask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     chunks = -(-n // CHUNK)
     padded = torch.zeros(chunks * CHUNK, dtype=torch.bool, device=flat.device)
     padded[:n] = flat
-    weights = _BIT_WEIGHTS.to(flat.device)
+    weights = _bit_weights(flat.device)
     as_bytes = (padded.view(-1, 8).to(torch.uint8) * weights).sum(-1, dtype=torch.uint8)
     words = as_bytes.view(torch.int32)[: -(-n // 32)].clone()
     counts = padded.view(chunks, CHUNK).sum(-1, dtype=torch.int64)
@@ -47,7 +49,7 @@ def pack_bitmask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def unpack_bitmask(words: torch.Tensor, numel: int) -> torch.Tensor:
     """Bool mask of ``numel`` elements from bitmask words (inverse of :func:`pack_bitmask`)."""
     as_bytes = words.contiguous().view(torch.uint8)
-    bits = (as_bytes.unsqueeze(-1) & _BIT_WEIGHTS.to(words.device)) != 0
+    bits = (as_bytes.unsqueeze(-1) & _bit_weights(words.device)) != 0
     return bits.reshape(-1)[:numel]
 
 
