@@ -112,10 +112,11 @@ def bench_optimizer_step(rec, copy_gbps):
     def gather_all():
         for g, out, s in grads:
             sara_gather_(g, out, s.data, s.chunk_offsets, s.format, 1.0)
-    rec.add("sara_step", case, "fewstep gather (all hooks)", torch.float32, gpu_median_ms(gather_all))
+    rec.add("sara_step", case, "fewstep gather, 686 hooks, host wall", torch.float32, host_median_ms(gather_all))
+    rec.add("sara_step", case, "fewstep gather, 686 hooks, kernels", torch.float32, _graph_replay_ms(gather_all))
 
     if opt._rank_candidates:
-        rec.add("sara_step", case, "fewstep rank penalty (SVD)", torch.float32,
+        rec.add("sara_step", case, "fewstep rank penalty (Newton-Schulz)", torch.float32,
                 gpu_median_ms(opt._add_rank_penalty, warmup_ms=200, rep_ms=2000))
     theta = opt._entries[0][2]
     del opt, grads
@@ -154,13 +155,22 @@ def _setup(kind: str, weight_dtype: torch.dtype):
         for p in params:
             p.data = p.data.float()
         return unet, torch.optim.AdamW(params, lr=1e-4, fused=True), sum(p.numel() for p in params)
-    trainable = int(kind.split(":")[1])
-    opt = SaRA(unet, ratio=trainable / total, lr=1e-5)  # fp32 master values for fp16/bf16 weights
+    scope, trainable = kind.split(":")
+    names = None
+    if scope == "sara-attn":  # the layers LoRA adapts, for a like-for-like comparison
+        names = [n for n, _ in unet.named_parameters()
+                 if n.endswith(".weight") and any(f".{t}." in n for t in LORA_TARGETS)]
+        unet.requires_grad_(False)
+        for n, p in unet.named_parameters():
+            p.requires_grad_(n in set(names))
+        total = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    opt = SaRA(unet, ratio=int(trainable) / total, params=names, lr=1e-5)  # fp32 master values for bf16 weights
     return unet, opt, opt.num_trainable
 
 
 CONFIGS = [("full", torch.float32), ("lora", torch.float32), ("sara:lora", torch.float32),
-           (f"sara:{TRAINABLE_50M}", torch.float32), ("lora", torch.bfloat16), ("sara:lora", torch.bfloat16),
+           ("sara-attn:lora", torch.float32), (f"sara:{TRAINABLE_50M}", torch.float32),
+           ("lora", torch.bfloat16), ("sara:lora", torch.bfloat16), ("sara-attn:lora", torch.bfloat16),
            (f"sara:{TRAINABLE_50M}", torch.bfloat16)]
 
 
@@ -206,12 +216,12 @@ def bench_training(rec, steps=12, warmup=3):
     lora_trainable = None
     for batch in BATCHES:
         for kind, weight_dtype in CONFIGS:
-            if kind == "sara:lora":
-                kind = f"sara:{lora_trainable}"
+            kind = kind.replace(":lora", f":{lora_trainable}")
             ms, peak, trainable = _measure_training(kind, weight_dtype, batch, steps, warmup)
             if kind == "lora":
                 lora_trainable = trainable
-            name = {"full": "full FT (AdamW fused)", "lora": "PEFT LoRA r=64"}.get(kind, "fewstep SaRA")
+            name = {"full": "full FT (AdamW fused)", "lora": "PEFT LoRA r=64"}.get(
+                kind, "fewstep SaRA, attention q/k/v/out" if kind.startswith("sara-attn") else "fewstep SaRA, all layers")
             base = "fp32" if weight_dtype == torch.float32 else "bf16"
             case = f"batch {batch}, {base} weights, {trainable / 1e6:.1f}M trainable"
             rec.add("sara_train", case, name, torch.bfloat16, ms, "peak_GiB", peak)
