@@ -68,19 +68,23 @@ def _official_style_update(unet, ratio_threshold):
     return step
 
 
+def _time_step(rec, opt, case: str, dtype: torch.dtype, bytes_per_entry: int, copy_gbps: float) -> None:
+    """Host wall time of ``opt.step()`` and device time of its kernel, with the share of copy
+    bandwidth that the compact traffic (``bytes_per_entry``) and the selection reads make."""
+    opt._grad.normal_()
+    rec.add("sara_step", case, "fewstep opt.step() host wall", dtype, host_median_ms(opt.step))
+    ms = _graph_replay_ms(opt.step)
+    moved = opt.num_trainable * bytes_per_entry + opt._selection_data.numel() * 4 + opt._chunk_offsets.numel() * 4
+    rec.add("sara_step", case, "fewstep sparse AdamW kernel", dtype, ms, "pct_of_copy_bw",
+            100 * moved / (ms * 1e-3) / (copy_gbps * 1e9))
+
+
 def bench_bf16_step(rec, copy_gbps):
     unet = sd15_unet().to(torch.bfloat16)
     total = sum(p.numel() for p in unet.parameters())
     opt = SaRA(unet, ratio=TRAINABLE_50M / total, lr=1e-5)
-    k = opt.num_trainable
-    opt._grad.normal_()
-    case = f"{k / 1e6:.1f}M of {total / 1e6:.1f}M bf16"
-    rec.add("sara_step", case, "fewstep opt.step() host wall", torch.bfloat16, host_median_ms(opt.step))
-    ms = _graph_replay_ms(opt.step)
-    sel_bytes = opt._selection_data.numel() * 4 + opt._chunk_offsets.numel() * 4
-    moved = k * (4 + 8 + 8 + 8 + 2) + sel_bytes  # grad; m, v, master read+write; weight write
-    rec.add("sara_step", case, "fewstep sparse AdamW kernel", torch.bfloat16, ms,
-            "pct_of_copy_bw", 100 * moved / (ms * 1e-3) / (copy_gbps * 1e9))
+    # grad; m, v, master read+write; weight write
+    _time_step(rec, opt, f"{opt.num_trainable / 1e6:.1f}M of {total / 1e6:.1f}M bf16", torch.bfloat16, 30, copy_gbps)
     del opt, unet
     _free()
 
@@ -92,15 +96,8 @@ def bench_optimizer_step(rec, copy_gbps):
     before = torch.cuda.memory_allocated()
     opt = SaRA(unet, ratio=TRAINABLE_50M / total, lr=1e-5)
     state = torch.cuda.memory_allocated() - before
-    k = opt.num_trainable
-    opt._grad.normal_()
-    case = f"{k / 1e6:.1f}M of {total / 1e6:.1f}M fp32"
-    rec.add("sara_step", case, "fewstep opt.step() host wall", torch.float32, host_median_ms(opt.step))
-    ms = _graph_replay_ms(opt.step)
-    sel_bytes = opt._selection_data.numel() * 4 + opt._chunk_offsets.numel() * 4
-    moved = k * (4 + 8 + 8 + 8) + sel_bytes  # grad read; m, v, weight read+write; selection read
-    rec.add("sara_step", case, "fewstep sparse AdamW kernel", torch.float32, ms, "pct_of_copy_bw",
-            100 * moved / (ms * 1e-3) / (copy_gbps * 1e9))
+    case = f"{opt.num_trainable / 1e6:.1f}M of {total / 1e6:.1f}M fp32"
+    _time_step(rec, opt, case, torch.float32, 28, copy_gbps)  # grad read; m, v, weight read+write
     rec.add("sara_memory", case, "fewstep state (sel+grad+m+v)", torch.float32, 0.0, "GB", state / 1e9)
     weights_gb = sum(p.numel() * p.element_size() for p in unet.parameters()) / 1e9
     rec.add("sara_memory", case, "fewstep weights+grads+state", torch.float32, 0.0, "GB", weights_gb + state / 1e9)

@@ -82,26 +82,25 @@ def test_training_step_has_no_host_sync_and_matches_cpu(dtype):
     opt_c = SaRA(cpu_model, ratio=0.2, lr=1e-3)
     gen = torch.Generator().manual_seed(1)
     data = [(torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 96, generator=gen)) for _ in range(3)]
-    batches = [(x.cuda(), y.cuda()) for x, y in data]
+
+    def train(model, opt, device):
+        for x, y in data:
+            with torch.autocast(device, dtype=torch.bfloat16):
+                loss = (model(x.to(device, dtype)).float() - y.to(device)).square().mean()
+            loss.backward()
+            opt.clip_grad_norm_(1.0)
+            opt.step()
+            opt.zero_grad()
+
+    data = [(x.cuda(), y.cuda()) for x, y in data]  # moved before the sync check
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for x, y in batches:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = (gpu_model(x.to(dtype)).float() - y).square().mean()
-            loss.backward()
-            opt_g.clip_grad_norm_(1.0)
-            opt_g.step()
-            opt_g.zero_grad()
+        train(gpu_model, opt_g, "cuda")
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    for x, y in data:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = (cpu_model(x.to(dtype)).float() - y).square().mean()
-        loss.backward()
-        opt_c.clip_grad_norm_(1.0)
-        opt_c.step()
-        opt_c.zero_grad()
+    data = [(x.cpu(), y.cpu()) for x, y in data]
+    train(cpu_model, opt_c, "cpu")
     for a, b in zip(gpu_model.parameters(), cpu_model.parameters()):
         torch.testing.assert_close(a.cpu(), b, rtol=2e-2, atol=5e-3)  # bf16 autocast on two devices
 
