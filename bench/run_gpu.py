@@ -12,13 +12,15 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
+import ema_gpu  # noqa: E402
 import sampler_step_gpu  # noqa: E402
 import samplers_gpu  # noqa: E402
 import sara_gpu  # noqa: E402
 
 SUITES = {"sampler_step": lambda rec, c: sampler_step_gpu.run(rec, c["copy_GBps"]),
           "loop4": lambda rec, c: samplers_gpu.run(rec),
-          "sara": lambda rec, c: sara_gpu.run(rec, c["copy_GBps"])}
+          "sara": lambda rec, c: sara_gpu.run(rec, c["copy_GBps"]),
+          "ema": lambda rec, c: ema_gpu.run(rec, c["copy_GBps"])}
 
 
 def main():

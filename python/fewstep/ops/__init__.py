@@ -1,4 +1,5 @@
 """Public wrappers of fewstep's ops: checks, backend choice, then ``torch.ops.fewstep.*``."""
+from fewstep.ops.ema import ema_update_
 from fewstep.ops.sampler_step import StepCoeffs, cfg_rescale_factor, sampler_step
 
-__all__ = ["StepCoeffs", "cfg_rescale_factor", "sampler_step"]
+__all__ = ["StepCoeffs", "cfg_rescale_factor", "ema_update_", "sampler_step"]
