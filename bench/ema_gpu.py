@@ -19,7 +19,7 @@ def run(rec, copy_gbps):
     shapes = sd15_shapes()
     for param_dtype in (torch.float32, torch.bfloat16):
         params = [torch.randn(s, device="cuda", dtype=param_dtype) for s in shapes]
-        ema = [p.float() for p in params]
+        ema = [p.float().clone() for p in params]  # distinct memory even when params are fp32
         n = sum(p.numel() for p in params)
         moved = n * (8 + params[0].element_size())  # ema read + write, param read
         case = f"{n / 1e6:.1f}M in {len(params)} tensors, fp32 ema"

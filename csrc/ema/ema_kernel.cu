@@ -1,7 +1,7 @@
 // CUDA kernel of the multi-tensor EMA update. No torch headers. Memory-bound (one read of each
 // input, one write): each thread keeps kUnroll loads of both tensors in flight, kThreads apart
 // so that a warp's accesses are coalesced; a block finds its tensor by binary search over the
-// table's block prefix sums.
+// table's block prefix sums, then runs a loop specialized for the pair's dtypes.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -15,21 +15,49 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kUnroll = 8;
-constexpr int64_t kBlockElems = kThreads * kUnroll;
+constexpr int kTiles = 4;  // per block, to amortize the tensor lookup
+constexpr int64_t kBlockElems = kThreads * kUnroll * kTiles;
 
-__device__ __forceinline__ float load_f(const void* base, DType dt, int64_t i) {
-  switch (dt) {
-    case DType::kFloat16: return __half2float(static_cast<const __half*>(base)[i]);
-    case DType::kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]);
-    default: return static_cast<const float*>(base)[i];
+template <typename T> struct Compute { using type = float; };
+template <> struct Compute<double> { using type = double; };
+
+template <typename T> __device__ __forceinline__ typename Compute<T>::type to_c(T v) { return v; }
+template <> __device__ __forceinline__ float to_c<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_c<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_c(typename Compute<T>::type v) { return v; }
+template <> __device__ __forceinline__ __half from_c<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_c<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// kTiles tiles of kThreads * kUnroll elements: every load of a tile is issued before its stores.
+template <typename E, typename P>
+__device__ __forceinline__ void update(void* ema, const void* param, int64_t first, int64_t n, double weight) {
+  using C = typename Compute<E>::type;
+  E* e = static_cast<E*>(ema);
+  const P* x = static_cast<const P*>(param);
+  const C w = static_cast<C>(weight);
+  for (int tile = 0; tile < kTiles; ++tile, first += kThreads * kUnroll) {
+    C ev[kUnroll], xv[kUnroll];
+#pragma unroll
+    for (int k = 0; k < kUnroll; ++k) {
+      const int64_t j = first + k * kThreads;
+      if (j < n) { ev[k] = to_c(e[j]); xv[k] = to_c(x[j]); }
+    }
+#pragma unroll
+    for (int k = 0; k < kUnroll; ++k) {
+      const int64_t j = first + k * kThreads;
+      if (j < n) e[j] = from_c<E>(lerp(ev[k], static_cast<C>(xv[k]), w));
+    }
   }
 }
 
-__device__ __forceinline__ void store_f(void* base, DType dt, int64_t i, float v) {
-  switch (dt) {
-    case DType::kFloat16: static_cast<__half*>(base)[i] = __float2half_rn(v); break;
-    case DType::kBFloat16: static_cast<__nv_bfloat16*>(base)[i] = __float2bfloat16_rn(v); break;
-    default: static_cast<float*>(base)[i] = v;
+template <typename E>
+__device__ __forceinline__ void update_for(DType pd, void* ema, const void* param, int64_t first, int64_t n,
+                                           double weight) {
+  switch (pd) {
+    case DType::kFloat16: return update<E, __half>(ema, param, first, n, weight);
+    case DType::kBFloat16: return update<E, __nv_bfloat16>(ema, param, first, n, weight);
+    default: return update<E, float>(ema, param, first, n, weight);
   }
 }
 
@@ -43,34 +71,12 @@ __global__ void __launch_bounds__(kThreads) ema_kernel(const Params p, const Ten
   const int i = lo;
   const int64_t n = t.numel[i];
   const int64_t first = (block - t.block_begin[i]) * kBlockElems + threadIdx.x;
-  if (t.ema_dtype[i] == DType::kFloat64) {  // fp64 pairs (both fp64) compute in fp64
-    double* e = static_cast<double*>(t.ema[i]);
-    const double* x = static_cast<const double*>(t.param[i]);
-    double ev[kUnroll], xv[kUnroll];
-#pragma unroll
-    for (int k = 0; k < kUnroll; ++k) {
-      const int64_t j = first + k * kThreads;
-      if (j < n) { ev[k] = e[j]; xv[k] = x[j]; }
-    }
-#pragma unroll
-    for (int k = 0; k < kUnroll; ++k) {
-      const int64_t j = first + k * kThreads;
-      if (j < n) e[j] = lerp(ev[k], xv[k], p.weight);
-    }
-    return;
-  }
-  const float w = static_cast<float>(p.weight);
-  const DType ed = t.ema_dtype[i], pd = t.param_dtype[i];
-  float ev[kUnroll], xv[kUnroll];
-#pragma unroll
-  for (int k = 0; k < kUnroll; ++k) {
-    const int64_t j = first + k * kThreads;
-    if (j < n) { ev[k] = load_f(t.ema[i], ed, j); xv[k] = load_f(t.param[i], pd, j); }
-  }
-#pragma unroll
-  for (int k = 0; k < kUnroll; ++k) {
-    const int64_t j = first + k * kThreads;
-    if (j < n) store_f(t.ema[i], ed, j, lerp(ev[k], xv[k], w));
+  switch (t.ema_dtype[i]) {
+    case DType::kFloat64: return update<double, double>(t.ema[i], t.param[i], first, n, p.weight);
+    case DType::kFloat16: return update_for<__half>(t.param_dtype[i], t.ema[i], t.param[i], first, n, p.weight);
+    case DType::kBFloat16:
+      return update_for<__nv_bfloat16>(t.param_dtype[i], t.ema[i], t.param[i], first, n, p.weight);
+    default: return update_for<float>(t.param_dtype[i], t.ema[i], t.param[i], first, n, p.weight);
   }
 }
 
