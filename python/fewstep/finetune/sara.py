@@ -16,7 +16,7 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
-from fewstep import _checks
+from fewstep import _checks, _dispatch
 from fewstep.finetune.selection import (TensorSelection, magnitude_mask, smallest_magnitude_threshold)
 from fewstep.ops.sara import sara_adamw_step_, sara_gather_
 from fewstep.reference.sara import LAYOUT_COLS
@@ -101,6 +101,8 @@ class SaRA(torch.optim.Optimizer):
             (new selection = old ∧ |w| < θ); their Adam state carries over.
         process_group: gradients are averaged over it in ``step()`` when torch.distributed is
             initialized (only the k selected values travel); do not also wrap the model in DDP.
+
+    The gradient gather's backend (``fewstep.backend``) is chosen when the optimizer is built.
     """
 
     def __init__(self, model: torch.nn.Module, *, threshold: Optional[float] = None, ratio: Optional[float] = None,
@@ -164,6 +166,10 @@ class SaRA(torch.optim.Optimizer):
         self._step = 0
         self._synced = False
         self._install(kept, carry=None)
+        # The gather runs once per parameter per backward: its backend is chosen here, once.
+        self._gather = sara_gather_
+        if _dispatch.select("sara_gather_", tensors[0].device, has_triton=False) != "reference":
+            self._gather = torch.ops.fewstep.sara_gather_.default
         self._hooks: dict[int, object] = {}
         self._hook_active()
 
@@ -242,7 +248,7 @@ class SaRA(torch.optim.Optimizer):
         if grad is None or i is None:
             return
         s = self._active[i][3]
-        sara_gather_(grad, self._grad_views[i], s.data, s.chunk_offsets, s.format, 1.0)
+        self._gather(grad, self._grad_views[i], s.data, s.chunk_offsets, s.format, 1.0)
         self._synced = False
 
     def _sync_grads(self) -> None:
