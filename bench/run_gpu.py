@@ -12,6 +12,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
+import dmd_loss_gpu  # noqa: E402
 import ema_gpu  # noqa: E402
 import sampler_step_gpu  # noqa: E402
 import samplers_gpu  # noqa: E402
@@ -20,7 +21,8 @@ import sara_gpu  # noqa: E402
 SUITES = {"sampler_step": lambda rec, c: sampler_step_gpu.run(rec, c["copy_GBps"]),
           "loop4": lambda rec, c: samplers_gpu.run(rec),
           "sara": lambda rec, c: sara_gpu.run(rec, c["copy_GBps"]),
-          "ema": lambda rec, c: ema_gpu.run(rec, c["copy_GBps"])}
+          "ema": lambda rec, c: ema_gpu.run(rec, c["copy_GBps"]),
+          "dmd_loss": lambda rec, c: dmd_loss_gpu.run(rec)}
 
 
 def main():
@@ -46,7 +48,9 @@ def main():
                     "the median time, as a share of the copy bandwidth above. loop4 times are host wall time "
                     "of a whole 4-step loop (launch overhead included), the model outputs precomputed. sara_train times are "
                     "CUDA-event medians of whole training steps (forward, backward, optimizer step, zero_grad); "
-                    "peak_GiB is torch.cuda.max_memory_allocated over the timed steps minus what was allocated before the config was built.")
+                    "peak_GiB is torch.cuda.max_memory_allocated over the timed steps minus what was allocated before the config was built. "
+                    "dmd_loss times are forward + backward; transient_buffers is the peak above the inputs and x.grad, "
+                    "in input-sized buffers.")
     print("wrote", stem + ".json")
 
 

@@ -1,0 +1,129 @@
+// CUDA kernels of the DMD generator loss. No torch headers. Three launches: per-chunk sums of
+// |x - real|, then per element g and dloss/dx with per-chunk sums of g^2, then the scalar loss.
+// Every sum has a fixed order (threads, then a fixed tree, then chunks in index order), so the
+// result does not depend on scheduling.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "dmd_loss/dmd_loss_cuda.h"
+
+namespace fewstep {
+namespace dmd_loss {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T> struct Compute { using type = float; };
+template <> struct Compute<double> { using type = double; };
+
+template <typename T> __device__ __forceinline__ typename Compute<T>::type to_c(T v) { return v; }
+template <> __device__ __forceinline__ float to_c<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_c<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_c(typename Compute<T>::type v) { return v; }
+template <> __device__ __forceinline__ __half from_c<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_c<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// Block-wide sum in a fixed order: each warp by shuffles, then warp results in index order.
+__device__ __forceinline__ double block_sum(double v) {
+  __shared__ double warp_sums[kThreads / 32];
+  for (int d = 16; d > 0; d >>= 1) v += __shfl_down_sync(0xffffffffu, v, d);
+  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x / 32] = v;
+  __syncthreads();
+  double total = 0;
+  if (threadIdx.x == 0)
+    for (int w = 0; w < kThreads / 32; ++w) total += warp_sums[w];
+  return total;  // valid in thread 0
+}
+
+template <typename T>
+__device__ __forceinline__ typename Compute<T>::type real_at(const Params& p, int64_t i) {
+  using C = typename Compute<T>::type;
+  const C r = to_c(static_cast<const T*>(p.real)[i]);
+  if (p.uncond == nullptr) return r;
+  const C u = to_c(static_cast<const T*>(p.uncond)[i]);
+  return u + static_cast<C>(p.guidance_scale) * (r - u);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) norm_kernel(const Params p) {
+  using C = typename Compute<T>::type;
+  const int64_t b = blockIdx.y, c = blockIdx.x;
+  const int64_t base = b * p.per_sample;
+  const int64_t end = min(p.per_sample, (c + 1) * kChunk);
+  const T* x = static_cast<const T*>(p.x);
+  double acc = 0;  // sums in fp64: more accurate than PyTorch's fp32 sums, and memory-bound anyway
+  for (int64_t j = c * kChunk + threadIdx.x; j < end; j += kThreads) {
+    const int64_t i = base + j;
+    acc += fabs(to_c(x[i]) - real_at<T>(p, i));
+  }
+  const double total = block_sum(acc);
+  if (threadIdx.x == 0) p.norm_partials[b * p.chunks + c] = total;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) grad_kernel(const Params p, double inv_numel) {
+  using C = typename Compute<T>::type;
+  __shared__ C norm;
+  const int64_t b = blockIdx.y, c = blockIdx.x;
+  if (threadIdx.x == 0) {
+    double s = 0;
+    for (int64_t k = 0; k < p.chunks; ++k) s += p.norm_partials[b * p.chunks + k];
+    norm = static_cast<C>(s / static_cast<double>(p.per_sample));  // 0 gives inf or nan below, then 0
+  }
+  __syncthreads();
+  const int64_t base = b * p.per_sample;
+  const int64_t end = min(p.per_sample, (c + 1) * kChunk);
+  const T* fake = static_cast<const T*>(p.fake);
+  T* grad = static_cast<T*>(p.grad);
+  const C scale = static_cast<C>(inv_numel);
+  double acc = 0;  // sums in fp64: more accurate than PyTorch's fp32 sums, and memory-bound anyway
+  for (int64_t j = c * kChunk + threadIdx.x; j < end; j += kThreads) {
+    const int64_t i = base + j;
+    C g = (to_c(fake[i]) - real_at<T>(p, i)) / norm;
+    if (!isfinite(g)) g = 0;
+    grad[i] = from_c<T>(g * scale);
+    acc += static_cast<double>(g) * g;
+  }
+  const double total = block_sum(acc);
+  if (threadIdx.x == 0) p.loss_partials[b * p.chunks + c] = total;
+}
+
+__global__ void __launch_bounds__(kThreads) finalize_kernel(const Params p, double inv_numel, bool is_double) {
+  double acc = 0;
+  const int64_t n = p.batch * p.chunks;
+  for (int64_t k = threadIdx.x; k < n; k += kThreads) acc += p.loss_partials[k];
+  const double total = block_sum(acc);
+  if (threadIdx.x == 0) {
+    const double loss = 0.5 * total * inv_numel;
+    if (is_double) *static_cast<double*>(p.loss) = loss;
+    else *static_cast<float*>(p.loss) = static_cast<float>(loss);
+  }
+}
+
+template <typename T>
+cudaError_t launch(const Params& p, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(p.chunks), static_cast<unsigned>(p.batch));
+  const double inv_numel = 1.0 / static_cast<double>(p.batch * p.per_sample);
+  norm_kernel<T><<<grid, kThreads, 0, stream>>>(p);
+  grad_kernel<T><<<grid, kThreads, 0, stream>>>(p, inv_numel);
+  finalize_kernel<<<1, kThreads, 0, stream>>>(p, inv_numel, p.dtype == DType::kFloat64);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_dmd_loss_cuda(const Params& p, cudaStream_t stream) {
+  switch (p.dtype) {
+    case DType::kFloat16: return launch<__half>(p, stream);
+    case DType::kBFloat16: return launch<__nv_bfloat16>(p, stream);
+    case DType::kFloat64: return launch<double>(p, stream);
+    default: return launch<float>(p, stream);
+  }
+}
+
+}  // namespace dmd_loss
+}  // namespace fewstep

@@ -1,0 +1,22 @@
+// Torch glue shared by the CPU (dmd_loss.cpp) and CUDA (dmd_loss_cuda.cpp) DMD loss.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include "dmd_loss/dmd_loss.h"
+
+namespace fewstep {
+namespace dmd_loss {
+
+struct Prepared {
+  Params params;
+  at::Tensor x, real, uncond, fake;  // contiguous inputs
+  at::Tensor loss, grad, norm_partials, loss_partials;
+};
+
+Prepared prepare(const at::Tensor& x, const at::Tensor& real, const c10::optional<at::Tensor>& uncond,
+                 double guidance_scale, const at::Tensor& fake);
+
+}  // namespace dmd_loss
+}  // namespace fewstep

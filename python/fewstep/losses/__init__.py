@@ -1,0 +1,4 @@
+"""Fused distillation losses."""
+from fewstep.losses.dmd import dmd
+
+__all__ = ["dmd"]
