@@ -110,8 +110,8 @@ Prepared prepare(const at::Tensor& x, const at::Tensor& real, const c10::optiona
   p.batch = x.size(0);
   p.per_sample = x.numel() / p.batch;
   p.chunks = num_chunks(p.per_sample);
-  TORCH_CHECK_VALUE(p.chunks <= 65535 && p.batch <= 65535, "x: expected at most 65535 samples of at most ",
-                    65535 * kChunk, " elements, got shape ", x.sizes());
+  TORCH_CHECK_VALUE(p.batch <= 65535, "x: expected at most 65535 samples (the CUDA grid's y size), got shape ",
+                    x.sizes());
   s.norm_partials = at::empty({p.batch * p.chunks}, x.options().dtype(at::kDouble));
   s.loss_partials = at::empty({p.batch * p.chunks}, x.options().dtype(at::kDouble));
   p.x = s.x.const_data_ptr();

@@ -15,7 +15,7 @@ namespace dmd_loss {
 
 enum class DType : uint8_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
-constexpr int64_t kChunk = 8192;  // elements per reduction chunk (CPU and CUDA alike)
+constexpr int64_t kChunk = 2048;  // elements per reduction chunk (CPU and CUDA alike)
 
 inline int64_t num_chunks(int64_t per_sample) { return (per_sample + kChunk - 1) / kChunk; }
 

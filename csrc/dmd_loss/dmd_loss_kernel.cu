@@ -36,6 +36,7 @@ __device__ __forceinline__ double block_sum(double v) {
   double total = 0;
   if (threadIdx.x == 0)
     for (int w = 0; w < kThreads / 32; ++w) total += warp_sums[w];
+  __syncthreads();  // warp_sums may be reused by the next call
   return total;  // valid in thread 0
 }
 
@@ -69,11 +70,10 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(const Params p, double i
   using C = typename Compute<T>::type;
   __shared__ C norm;
   const int64_t b = blockIdx.y, c = blockIdx.x;
-  if (threadIdx.x == 0) {
-    double s = 0;
-    for (int64_t k = 0; k < p.chunks; ++k) s += p.norm_partials[b * p.chunks + k];
-    norm = static_cast<C>(s / static_cast<double>(p.per_sample));  // 0 gives inf or nan below, then 0
-  }
+  double partial = 0;  // the sample's norm from its chunk sums, in a fixed order
+  for (int64_t k = threadIdx.x; k < p.chunks; k += kThreads) partial += p.norm_partials[b * p.chunks + k];
+  const double s = block_sum(partial);
+  if (threadIdx.x == 0) norm = static_cast<C>(s / static_cast<double>(p.per_sample));  // 0: g inf/nan, then 0
   __syncthreads();
   const int64_t base = b * p.per_sample;
   const int64_t end = min(p.per_sample, (c + 1) * kChunk);
