@@ -9,6 +9,7 @@ namespace fewstep {
 namespace dmd_loss {
 
 cudaError_t launch_dmd_loss_cuda(const Params& p, cudaStream_t stream);
+cudaError_t launch_dmd_loss_backward_cuda(const Params& p, cudaStream_t stream);
 
 }  // namespace dmd_loss
 }  // namespace fewstep

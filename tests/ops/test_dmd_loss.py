@@ -28,7 +28,9 @@ def test_matches_reference(device, dtype, cfg):
     for i, shape in enumerate(SHAPES):
         x, real, uncond, fake = inputs(shape, dtype, device, gen, noncontiguous=i % 2 == 1)
         args = (x, real, uncond if cfg else None, 4.5 if cfg else 1.0, fake)
-        loss, grad = torch.ops.fewstep.dmd_loss(*args)
+        loss, norm = torch.ops.fewstep.dmd_loss(*args)
+        grad = torch.full_like(x, float("nan"))  # poisoned: the backward must write every element
+        grad.copy_(torch.ops.fewstep.dmd_loss_backward(torch.ones_like(loss), *args[1:], norm))
         ref_loss, ref_grad = dmd_loss_reference(*args)
         in_dtype = dmd_loss_reference(*args, dtype=dtype if dtype != torch.bfloat16 else torch.float32)
         if dtype == torch.bfloat16:  # bf16 arithmetic is what eager PyTorch would do; round its result
@@ -72,7 +74,10 @@ def test_zero_norm_sample_gives_zero_gradient_and_a_finite_loss(device):
     gen = torch.Generator().manual_seed(2)
     x, real, _, fake = inputs((3, 2, 5, 5), torch.float32, device, gen)
     real[1] = x[1]  # p_real = 0 for sample 1: its normalized gradient is 0/0 or x/0
-    loss, grad = torch.ops.fewstep.dmd_loss(x, real, None, 1.0, fake)
+    x.requires_grad_(True)
+    loss = fewstep.losses.dmd(x, real, fake)
+    loss.backward()
+    grad = x.grad
     assert torch.isfinite(loss)
     assert torch.count_nonzero(grad[1]) == 0 and torch.count_nonzero(grad[0]) > 0
 
@@ -84,6 +89,10 @@ def test_deterministic(device):
     a = torch.ops.fewstep.dmd_loss(x, real, uncond, 2.0, fake)
     b = torch.ops.fewstep.dmd_loss(x, real, uncond, 2.0, fake)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    one = torch.ones_like(a[0])
+    ga = torch.ops.fewstep.dmd_loss_backward(one, real, uncond, 2.0, fake, a[1])
+    gb = torch.ops.fewstep.dmd_loss_backward(one, real, uncond, 2.0, fake, b[1])
+    assert torch.equal(ga, gb)
 
 
 @pytest.mark.parametrize("device", devices())
@@ -92,6 +101,9 @@ def test_opcheck_and_compile(device):
     x, real, uncond, fake = inputs((2, 3, 5, 7), torch.float32, device, gen)
     torch.library.opcheck(torch.ops.fewstep.dmd_loss.default, (x.requires_grad_(True), real, uncond, 2.0, fake))
     torch.library.opcheck(torch.ops.fewstep.dmd_loss.default, (x, real, None, 1.0, fake))
+    _, norm = torch.ops.fewstep.dmd_loss(x, real, uncond, 2.0, fake)
+    torch.library.opcheck(torch.ops.fewstep.dmd_loss_backward.default,
+                          (torch.tensor(0.7, device=device), real, uncond, 2.0, fake, norm))
 
     def step(x, real, fake, uncond):
         return fewstep.losses.dmd(x, real, fake, x0_real_uncond=uncond, guidance_scale=2.0) * 2
@@ -103,6 +115,20 @@ def test_opcheck_and_compile(device):
     xc = x.detach().clone().requires_grad_(True)
     compiled(xc, real, fake, uncond).backward()
     assert torch.equal(xe.grad, xc.grad)
+
+
+@pytest.mark.parametrize("cfg", [False, True])
+def test_backward_op_gradcheck_float64(cfg):
+    gen = torch.Generator().manual_seed(8)
+    x, real, uncond, fake = inputs((2, 3, 4, 5), torch.float64, "cpu", gen)
+    _, norm = torch.ops.fewstep.dmd_loss(x, real, uncond if cfg else None, 2.5, fake)
+    grad_loss = torch.tensor(0.8, dtype=torch.float64)
+    args = [t.requires_grad_(True) for t in (grad_loss, real, uncond, fake, norm)]
+
+    def f(grad_loss, real, uncond, fake, norm):
+        return torch.ops.fewstep.dmd_loss_backward(grad_loss, real, uncond if cfg else None, 2.5, fake, norm)
+
+    assert torch.autograd.gradcheck(f, args)
 
 
 def test_reference_backend_agrees():
@@ -133,3 +159,16 @@ def test_bad_input(make, error, message):
     args = make(*inputs((2, 3, 5, 7), torch.float32, "cpu", gen))
     with pytest.raises(error, match=re.escape(message)):
         torch.ops.fewstep.dmd_loss(*args)
+
+
+def test_backward_bad_input():
+    gen = torch.Generator().manual_seed(7)
+    x, real, uncond, fake = inputs((2, 3, 5, 7), torch.float32, "cpu", gen)
+    _, norm = torch.ops.fewstep.dmd_loss(x, real, None, 1.0, fake)
+    one = torch.tensor(1.0)
+    with pytest.raises(ValueError, match=re.escape("norm: expected the forward's torch.float64 norms of shape [2]")):
+        torch.ops.fewstep.dmd_loss_backward(one, real, None, 1.0, fake, norm[:1])
+    with pytest.raises(TypeError, match=re.escape("grad_loss: expected dtype torch.float32, got torch.float64")):
+        torch.ops.fewstep.dmd_loss_backward(one.double(), real, None, 1.0, fake, norm)
+    with pytest.raises(ValueError, match=re.escape("grad_loss: expected a 0-dim tensor on cpu, got shape [1]")):
+        torch.ops.fewstep.dmd_loss_backward(one.reshape(1), real, None, 1.0, fake, norm)

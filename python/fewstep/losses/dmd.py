@@ -1,8 +1,9 @@
 """``fewstep.losses.dmd``: DMD / DMD2's distribution-matching generator loss in fused kernels.
 
 Semantics: :mod:`fewstep.reference.dmd_loss`. Backend: ``torch.ops.fewstep.dmd_loss`` (C++ CPU
-and CUDA, csrc/dmd_loss/), which returns the loss and dloss/dx together; the backward is one
-scaling of that saved gradient.
+and CUDA, csrc/dmd_loss/) returns the loss and the per-sample norms; its backward,
+``torch.ops.fewstep.dmd_loss_backward``, recomputes the normalized gradient from the scores'
+predictions in one pass, so the head allocates nothing input-sized but x's gradient.
 """
 from __future__ import annotations
 
@@ -17,16 +18,57 @@ if _C is not None:
     @torch.library.register_fake("fewstep::dmd_loss")
     def _dmd_loss_fake(x, real, real_uncond, guidance_scale, fake):
         loss_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return x.new_empty((), dtype=loss_dtype), torch.empty_like(x, memory_format=torch.contiguous_format)
+        return x.new_empty((), dtype=loss_dtype), x.new_empty((x.shape[0],), dtype=torch.float64)
+
+    @torch.library.register_fake("fewstep::dmd_loss_backward")
+    def _dmd_loss_backward_fake(grad_loss, real, real_uncond, guidance_scale, fake, norm):
+        return torch.empty_like(fake, memory_format=torch.contiguous_format)
 
     def _setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output[1])
+        _, real, real_uncond, guidance_scale, fake = inputs
+        ctx.guidance_scale = guidance_scale
+        ctx.has_uncond = real_uncond is not None
+        # references to the inputs and the [B] norms: nothing input-sized is kept
+        ctx.save_for_backward(real, real_uncond if ctx.has_uncond else real, fake, output[1])
 
-    def _backward(ctx, grad_loss, _grad_of_grad):
-        (dx,) = ctx.saved_tensors
-        return (grad_loss.to(dx.dtype) * dx if grad_loss is not None else None), None, None, None, None
+    def _backward(ctx, grad_loss, _grad_norm):
+        real, uncond, fake, norm = ctx.saved_tensors
+        dx = torch.ops.fewstep.dmd_loss_backward(grad_loss.contiguous(), real, uncond if ctx.has_uncond else None,
+                                                 ctx.guidance_scale, fake, norm)
+        return dx, None, None, None, None
 
     torch.library.register_autograd("fewstep::dmd_loss", _backward, setup_context=_setup_context)
+
+    def _setup_backward_context(ctx, inputs, output):
+        grad_loss, real, real_uncond, guidance_scale, fake, norm = inputs
+        ctx.guidance_scale = guidance_scale
+        ctx.has_uncond = real_uncond is not None
+        ctx.save_for_backward(grad_loss, real, real_uncond if ctx.has_uncond else real, fake, norm)
+
+    def _backward_of_backward(ctx, grad_dx):
+        # dx = grad_loss * (fake - real) / (norm * numel) where finite: linear in each input.
+        grad_loss, real, uncond, fake, norm = ctx.saved_tensors
+        compute = torch.float64 if fake.dtype == torch.float64 else torch.float32
+        w = ctx.guidance_scale
+        n = norm.to(compute).view((-1,) + (1,) * (fake.dim() - 1))
+        guided = real.to(compute)
+        if ctx.has_uncond:
+            guided = uncond.to(compute) + w * (guided - uncond.to(compute))
+        diff = fake.to(compute) - guided
+        finite = torch.isfinite(diff / n)
+        upstream = grad_dx.to(compute) * finite / fake.numel()
+        d_fake = upstream * grad_loss.to(compute) / n
+        dims = tuple(range(1, fake.dim()))
+        d_grad_loss = (upstream * torch.where(finite, diff / n, 0)).sum()
+        d_norm = -(upstream * torch.where(finite, diff, 0)).sum(dims) * grad_loss.to(compute) / n.flatten() ** 2
+        d_real = -d_fake * w if ctx.has_uncond else -d_fake
+        d_uncond = -d_fake * (1 - w) if ctx.has_uncond else None
+        return (d_grad_loss.to(grad_loss.dtype), d_real.to(real.dtype),
+                None if d_uncond is None else d_uncond.to(uncond.dtype), None, d_fake.to(fake.dtype),
+                d_norm.to(norm.dtype))
+
+    torch.library.register_autograd("fewstep::dmd_loss_backward", _backward_of_backward,
+                                    setup_context=_setup_backward_context)
 
 
 def dmd(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor, *,
