@@ -16,6 +16,21 @@ def gpu_median_ms(fn: Callable[[], object], warmup_ms: float = 50, rep_ms: float
     return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
+def graph_replay_ms(fn: Callable[[], object], warmup_calls: int = 2) -> float:
+    """Device time of ``fn`` alone: warmed up on a side stream, captured once as a CUDA graph and
+    replayed, so host work (Python, dispatch, argument checks) is left out."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup_calls):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return gpu_median_ms(graph.replay)
+
+
 def host_median_ms(fn: Callable[[], object], warmup: int = 20, reps: int = 200) -> float:
     """Median wall time of ``fn`` from launch to completion: includes Python and launch overhead,
     which dominate loops of small kernels (a synchronize brackets each run)."""

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import fewstep
-from common import gpu_median_ms
+from common import gpu_median_ms, graph_replay_ms
 
 SHAPES = {"sd15 32x4x64x64": (32, 4, 64, 64), "sdxl 2x4x128x128": (2, 4, 128, 128),
           "wan480p 1x16x21x60x104": (1, 16, 21, 60, 104)}
@@ -25,20 +25,6 @@ def official(x, real, fake):  # DMD2 (tianweiy/DMD2, sd_guidance.py): compute_di
 
 def fused(x, real, fake):
     return fewstep.losses.dmd(x, real, fake)
-
-
-def graph_replay_ms(fn) -> float:
-    """Device time of ``fn`` (forward + backward) without the host: captured as a CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return gpu_median_ms(graph.replay)
 
 
 def run(rec):

@@ -10,7 +10,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from common import gpu_median_ms, host_median_ms
+from common import gpu_median_ms, graph_replay_ms, host_median_ms
 from fewstep.finetune import SaRA
 
 GiB = 1 << 30
@@ -23,20 +23,6 @@ def sd15_unet() -> torch.nn.Module:
     torch.manual_seed(0)
     with torch.device("cuda"):
         return UNet2DConditionModel(cross_attention_dim=768)
-
-
-def _graph_replay_ms(fn) -> float:
-    """Device time of ``fn`` alone: captured once as a CUDA graph and replayed, so host work
-    (building the kernel's tensor table) is left out."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return gpu_median_ms(graph.replay)
 
 
 def _free():
@@ -73,7 +59,7 @@ def _time_step(rec, opt, case: str, dtype: torch.dtype, bytes_per_entry: int, co
     bandwidth that the compact traffic (``bytes_per_entry``) and the selection reads make."""
     opt._grad.normal_()
     rec.add("sara_step", case, "fewstep opt.step() host wall", dtype, host_median_ms(opt.step))
-    ms = _graph_replay_ms(opt.step)
+    ms = graph_replay_ms(opt.step)
     moved = opt.num_trainable * bytes_per_entry + opt._selection_data.numel() * 4 + opt._chunk_offsets.numel() * 4
     rec.add("sara_step", case, "fewstep sparse AdamW kernel", dtype, ms, "pct_of_copy_bw",
             100 * moved / (ms * 1e-3) / (copy_gbps * 1e9))
@@ -110,7 +96,7 @@ def bench_optimizer_step(rec, copy_gbps):
         for g, out, s in grads:
             sara_gather_(g, out, s.data, s.chunk_offsets, s.format, 1.0)
     rec.add("sara_step", case, "fewstep gather, 686 hooks, host wall", torch.float32, host_median_ms(gather_all))
-    rec.add("sara_step", case, "fewstep gather, 686 hooks, kernels", torch.float32, _graph_replay_ms(gather_all))
+    rec.add("sara_step", case, "fewstep gather, 686 hooks, kernels", torch.float32, graph_replay_ms(gather_all))
 
     if opt._rank_candidates:
         rec.add("sara_step", case, "fewstep rank penalty (Newton-Schulz)", torch.float32,

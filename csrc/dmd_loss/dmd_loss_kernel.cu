@@ -3,12 +3,11 @@
 // g recomputed from real, fake and the norms, scaled by the incoming gradient.
 // Every sum has a fixed order (threads, then a fixed tree, then chunks in index order), so the
 // result does not depend on scheduling.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
 #include <cmath>
 #include <cstdint>
 
+#include "fewstep/cuda_dtype.cuh"
 #include "dmd_loss/dmd_loss_cuda.h"
 
 namespace fewstep {
@@ -16,17 +15,6 @@ namespace dmd_loss {
 namespace {
 
 constexpr int kThreads = 256;
-
-template <typename T> struct Compute { using type = float; };
-template <> struct Compute<double> { using type = double; };
-
-template <typename T> __device__ __forceinline__ typename Compute<T>::type to_c(T v) { return v; }
-template <> __device__ __forceinline__ float to_c<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_c<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_c(typename Compute<T>::type v) { return v; }
-template <> __device__ __forceinline__ __half from_c<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_c<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // Block-wide sum in a fixed order: each warp by shuffles, then warp results in index order.
 __device__ __forceinline__ double block_sum(double v) {
@@ -44,9 +32,9 @@ __device__ __forceinline__ double block_sum(double v) {
 template <typename T>
 __device__ __forceinline__ typename Compute<T>::type real_at(const Params& p, int64_t i) {
   using C = typename Compute<T>::type;
-  const C r = to_c(static_cast<const T*>(p.real)[i]);
+  const C r = to_compute(static_cast<const T*>(p.real)[i]);
   if (p.uncond == nullptr) return r;
-  const C u = to_c(static_cast<const T*>(p.uncond)[i]);
+  const C u = to_compute(static_cast<const T*>(p.uncond)[i]);
   return u + static_cast<C>(p.guidance_scale) * (r - u);
 }
 
@@ -60,7 +48,7 @@ __global__ void __launch_bounds__(kThreads) norm_kernel(const Params p) {
   double acc = 0;  // sums in fp64: more accurate than PyTorch's fp32 sums, and memory-bound anyway
   for (int64_t j = c * kChunk + threadIdx.x; j < end; j += kThreads) {
     const int64_t i = base + j;
-    acc += fabs(to_c(x[i]) - real_at<T>(p, i));
+    acc += fabs(to_compute(x[i]) - real_at<T>(p, i));
   }
   const double total = block_sum(acc);
   if (threadIdx.x == 0) p.norm_partials[b * p.chunks + c] = total;
@@ -69,7 +57,7 @@ __global__ void __launch_bounds__(kThreads) norm_kernel(const Params p) {
 template <typename T>
 __device__ __forceinline__ typename Compute<T>::type g_at(const Params& p, int64_t i, typename Compute<T>::type norm) {
   using C = typename Compute<T>::type;
-  const C g = (to_c(static_cast<const T*>(p.fake)[i]) - real_at<T>(p, i)) / norm;
+  const C g = (to_compute(static_cast<const T*>(p.fake)[i]) - real_at<T>(p, i)) / norm;
   return isfinite(g) ? g : C(0);  // norm 0 gives inf or nan
 }
 
@@ -109,7 +97,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const Params p, doub
   const int64_t end = min(p.per_sample, (c + 1) * kChunk);
   T* grad = static_cast<T*>(p.grad);
   for (int64_t j = c * kChunk + threadIdx.x; j < end; j += kThreads) {
-    grad[base + j] = from_c<T>(g_at<T>(p, base + j, norm) * scale);
+    grad[base + j] = from_compute<T>(g_at<T>(p, base + j, norm) * scale);
   }
 }
 

@@ -2,11 +2,10 @@
 // input, one write): each thread keeps kUnroll loads of both tensors in flight, kThreads apart
 // so that a warp's accesses are coalesced; a block finds its tensor by binary search over the
 // table's block prefix sums, then runs a loop specialized for the pair's dtypes.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
 #include <cstdint>
 
+#include "fewstep/cuda_dtype.cuh"
 #include "ema/ema_cuda.h"
 
 namespace fewstep {
@@ -17,17 +16,6 @@ constexpr int kThreads = 256;
 constexpr int kUnroll = 8;
 constexpr int kTiles = 4;  // per block, to amortize the tensor lookup
 constexpr int64_t kBlockElems = kThreads * kUnroll * kTiles;
-
-template <typename T> struct Compute { using type = float; };
-template <> struct Compute<double> { using type = double; };
-
-template <typename T> __device__ __forceinline__ typename Compute<T>::type to_c(T v) { return v; }
-template <> __device__ __forceinline__ float to_c<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_c<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_c(typename Compute<T>::type v) { return v; }
-template <> __device__ __forceinline__ __half from_c<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_c<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // kTiles tiles of kThreads * kUnroll elements: every load of a tile is issued before its stores.
 template <typename E, typename P>
@@ -41,12 +29,12 @@ __device__ __forceinline__ void update(void* ema, const void* param, int64_t fir
 #pragma unroll
     for (int k = 0; k < kUnroll; ++k) {
       const int64_t j = first + k * kThreads;
-      if (j < n) { ev[k] = to_c(e[j]); xv[k] = to_c(x[j]); }
+      if (j < n) { ev[k] = to_compute(e[j]); xv[k] = to_compute(x[j]); }
     }
 #pragma unroll
     for (int k = 0; k < kUnroll; ++k) {
       const int64_t j = first + k * kThreads;
-      if (j < n) e[j] = from_c<E>(lerp(ev[k], static_cast<C>(xv[k]), w));
+      if (j < n) e[j] = from_compute<E>(lerp(ev[k], static_cast<C>(xv[k]), w));
     }
   }
 }

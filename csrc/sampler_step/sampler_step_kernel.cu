@@ -1,12 +1,11 @@
 // CUDA kernels of the fused sampler step. No torch headers: params struct + stream in.
 // The step is memory-bound (a few flops per element): each thread moves 16-byte vectors,
 // all loads of an iteration are issued before the arithmetic, and fp16/bf16 compute in fp32.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
 #include <cmath>
 #include <cstdint>
 
+#include "fewstep/cuda_dtype.cuh"
 #include "sampler_step/sampler_step_cuda.h"
 
 namespace fewstep {
@@ -17,17 +16,6 @@ constexpr int kThreads = 256;
 // 16-byte vectors per thread and tensor: two for 4/8-byte types, one for fp16/bf16 (8 elements);
 // two bf16 vectors per thread ran at 61-69% of copy bandwidth on an H100 at 32-64 MB latents.
 template <typename T> constexpr int kUnroll = sizeof(T) >= 4 ? 2 : 1;
-
-template <typename T> struct Compute { using type = float; };
-template <> struct Compute<double> { using type = double; };
-
-template <typename T> __device__ __forceinline__ typename Compute<T>::type to_compute(T v) { return v; }
-template <> __device__ __forceinline__ float to_compute<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_compute<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_compute(typename Compute<T>::type v) { return v; }
-template <> __device__ __forceinline__ __half from_compute<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_compute<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 template <typename T, int N> struct alignas(sizeof(T) * N) Vec { T v[N]; };
 
