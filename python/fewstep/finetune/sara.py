@@ -151,7 +151,6 @@ class SaRA(torch.optim.Optimizer):
             raise ValueError(f"model: no entry satisfies {rule} in any of its {len(named)} parameters; "
                              "raise the threshold")
 
-        self._model = model
         self._entries = [(n, p, t, s) for (n, p), t, s in zip(named, thresholds, selections)]
         kept = [e for e in self._entries if e[3].k > 0]
         for _, p, _, sel in self._entries:
