@@ -34,12 +34,12 @@ def _free():
         print(f"sara_gpu: {left / GiB:.2f} GiB still allocated between configs", flush=True)
 
 
-def _official_style_update(unet, ratio_threshold):
+def _official_style_update(unet, threshold):
     """What SaRA's released code does per step: trainable values as separate leaves updated by
     torch's AdamW (foreach), then written back into each weight through its bool mask."""
     masks, values = [], []
     for p in unet.parameters():
-        m = p.detach().abs() < ratio_threshold
+        m = p.detach().abs() < threshold
         masks.append(m)
         values.append(torch.nn.Parameter(p.detach()[m].clone()))
     opt = torch.optim.AdamW(values, lr=1e-5, foreach=True)

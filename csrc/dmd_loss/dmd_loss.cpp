@@ -120,11 +120,6 @@ at::Tensor dmd_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& 
   return s.grad;
 }
 
-DType to_dtype(at::ScalarType dt) {
-  return dt == at::kHalf ? DType::kFloat16 : dt == at::kBFloat16 ? DType::kBFloat16
-       : dt == at::kDouble ? DType::kFloat64 : DType::kFloat32;
-}
-
 // Checks shared by both directions; fills the inputs and sizes of `s`.
 void prepare_inputs(Prepared& s, const at::Tensor& ref, const char* ref_name, const at::Tensor& real,
                     const c10::optional<at::Tensor>& uncond, double guidance_scale, const at::Tensor& fake) {
@@ -144,7 +139,7 @@ void prepare_inputs(Prepared& s, const at::Tensor& ref, const char* ref_name, co
   p.batch = ref.size(0);
   p.per_sample = ref.numel() / p.batch;
   p.chunks = num_chunks(p.per_sample);
-  p.dtype = to_dtype(ref.scalar_type());
+  p.dtype = to_dtype(ref.scalar_type(), ref_name);
   p.guidance_scale = guidance_scale;
   p.real = s.real.const_data_ptr();
   p.uncond = s.uncond.defined() ? s.uncond.const_data_ptr() : nullptr;
@@ -192,10 +187,10 @@ Prepared prepare_backward(const at::Tensor& grad_loss, const at::Tensor& real,
                     ", got ", dtype_name(norm.scalar_type()), " of shape ", norm.sizes(), " on ", norm.device());
   s.grad = at::empty_like(s.fake);
   s.norm = norm;
-  s.loss = grad_loss.contiguous();
+  s.grad_loss = grad_loss.contiguous();
   p.x = nullptr;
   p.grad = s.grad.mutable_data_ptr();
-  p.grad_loss = s.loss.const_data_ptr();
+  p.grad_loss = s.grad_loss.const_data_ptr();
   p.norm = s.norm.mutable_data_ptr<double>();
   p.norm_partials = p.loss_partials = nullptr;
   p.loss = nullptr;

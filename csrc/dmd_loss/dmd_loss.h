@@ -13,10 +13,10 @@
 
 #include <cstdint>
 
+#include "fewstep/dtype.h"
+
 namespace fewstep {
 namespace dmd_loss {
-
-enum class DType : uint8_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
 constexpr int64_t kChunk = 2048;  // elements per reduction chunk (CPU and CUDA alike)
 

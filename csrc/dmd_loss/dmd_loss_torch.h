@@ -12,7 +12,7 @@ namespace dmd_loss {
 struct Prepared {
   Params params;
   at::Tensor x, real, uncond, fake;  // contiguous inputs
-  at::Tensor loss, norm, grad, norm_partials, loss_partials;
+  at::Tensor loss, norm, grad, grad_loss, norm_partials, loss_partials;
 };
 
 // Forward: allocates the loss, the per-sample norms and the reduction partials.

@@ -63,18 +63,6 @@ void ema_update_cpu(at::TensorList ema, at::TensorList params, double decay) {
   }
 }
 
-DType to_dtype(at::ScalarType st, const std::string& name) {
-  switch (st) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kDouble: return DType::kFloat64;
-    default:
-      TORCH_CHECK_TYPE(false, name, ": expected dtype in ['torch.float16', 'torch.bfloat16', 'torch.float32', "
-                       "'torch.float64'], got ", dtype_name(st));
-  }
-}
-
 }  // namespace
 
 std::vector<std::unique_ptr<TensorTable>> prepare_ema(at::TensorList ema, at::TensorList params, double decay,
@@ -98,7 +86,7 @@ std::vector<std::unique_ptr<TensorTable>> prepare_ema(at::TensorList ema, at::Te
                       "), got ", x.sizes());
     TORCH_CHECK_VALUE(e.is_contiguous() && x.is_contiguous(), ename(), ", ", pname(),
                       ": expected contiguous tensors, got strides ", e.strides(), " and ", x.strides());
-    const DType ed = to_dtype(e.scalar_type(), ename()), pd = to_dtype(x.scalar_type(), pname());
+    const DType ed = to_dtype_named(e.scalar_type(), ename), pd = to_dtype_named(x.scalar_type(), pname);
     TORCH_CHECK_TYPE((ed == DType::kFloat64) == (pd == DType::kFloat64), pname(), ": expected torch.float64 with a ",
                      "torch.float64 ema (and not otherwise), got ", dtype_name(x.scalar_type()), " for ",
                      dtype_name(e.scalar_type()));

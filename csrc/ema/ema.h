@@ -6,10 +6,10 @@
 
 #include <cstdint>
 
+#include "fewstep/dtype.h"
+
 namespace fewstep {
 namespace ema {
-
-enum class DType : uint8_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
 // One CUDA launch covers at most this many pairs (the table lives in kernel parameter space,
 // 32 KiB since CUDA 12.1); longer lists take several launches.

@@ -9,6 +9,8 @@
 #include <cmath>
 #include <string>
 
+#include "fewstep/dtype.h"
+
 namespace fewstep {
 
 // Python's spelling of a dtype, so C++ and Python checks print the same messages.
@@ -30,6 +32,27 @@ inline std::string double_repr(double v) {
   char buf[32];
   const auto res = std::to_chars(buf, buf + sizeof(buf), v);
   return std::string(buf, res.ptr);
+}
+
+// The kernels' DType of a floating tensor; float64 only where `allow_double`. `name()` gives the
+// argument's name for the error and is called only on failure (hot loops pass a lambda).
+template <class Name>
+DType to_dtype_named(at::ScalarType t, const Name& name, bool allow_double = true) {
+  switch (t) {
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble:
+      if (allow_double) return DType::kFloat64;
+      [[fallthrough]];
+    default:
+      TORCH_CHECK_TYPE(false, name(), ": expected dtype in ['torch.float16', 'torch.bfloat16', 'torch.float32'",
+                       allow_double ? ", 'torch.float64']" : "]", ", got ", dtype_name(t));
+  }
+}
+
+inline DType to_dtype(at::ScalarType t, const char* name, bool allow_double = true) {
+  return to_dtype_named(t, [name] { return name; }, allow_double);
 }
 
 inline void check_float_tensor(const at::Tensor& t, const char* name) {

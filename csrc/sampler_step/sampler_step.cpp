@@ -18,16 +18,6 @@
 namespace fewstep {
 namespace sampler_step {
 
-DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kFloat: return DType::kFloat32;
-    case at::kDouble: return DType::kFloat64;
-    default: TORCH_CHECK_TYPE(false, "fewstep: unsupported dtype ", dtype_name(t));
-  }
-}
-
 namespace {
 const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
 at::Tensor contiguous_or_empty(const c10::optional<at::Tensor>& t) {
@@ -90,7 +80,7 @@ PreparedStep prepare_step(const at::Tensor& x, const at::Tensor& model_output,
   std::copy(coeffs.begin(), coeffs.end(), p.coeffs);
   p.guidance_scale = guidance_scale;
   p.clip = clip_x0;
-  p.dtype = to_dtype(x.scalar_type());
+  p.dtype = to_dtype(x.scalar_type(), "x");
   return s;
 }
 
@@ -120,7 +110,7 @@ PreparedRescale prepare_rescale(const at::Tensor& model_output, const at::Tensor
   p.chunks = 0;
   p.guidance_scale = guidance_scale;
   p.guidance_rescale = guidance_rescale;
-  p.dtype = to_dtype(model_output.scalar_type());
+  p.dtype = to_dtype(model_output.scalar_type(), "cond");
   return s;
 }
 

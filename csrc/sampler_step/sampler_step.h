@@ -10,9 +10,9 @@
 
 #include <cstdint>
 
-namespace fewstep {
+#include "fewstep/dtype.h"
 
-enum class DType : int { kFloat16, kBFloat16, kFloat32, kFloat64 };
+namespace fewstep {
 
 namespace sampler_step {
 

@@ -31,7 +31,5 @@ struct PreparedRescale {
 PreparedRescale prepare_rescale(const at::Tensor& model_output, const at::Tensor& uncond,
                                 double guidance_scale, double guidance_rescale);
 
-DType to_dtype(at::ScalarType t);
-
 }  // namespace sampler_step
 }  // namespace fewstep

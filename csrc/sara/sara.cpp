@@ -18,17 +18,6 @@ namespace {
 
 constexpr int64_t kMaxInt32 = std::numeric_limits<int32_t>::max();
 
-DType to_dtype(at::ScalarType t, const char* name) {
-  switch (t) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default:
-      TORCH_CHECK_TYPE(false, name, ": expected dtype in ['torch.float16', 'torch.bfloat16', 'torch.float32'], got ",
-                       dtype_name(t));
-  }
-}
-
 Format to_format(int64_t f, const char* name) {
   TORCH_CHECK_VALUE(f == 0 || f == 1, name, ": expected 0 (sorted indices) or 1 (bitmask), got ", f);
   return static_cast<Format>(f);
@@ -155,7 +144,7 @@ void adamw_step_cpu(at::TensorList weights, at::Tensor exp_avg, at::Tensor exp_a
 PreparedGather prepare_gather(const at::Tensor& grad, const at::Tensor& out, const at::Tensor& selection,
                               const at::Tensor& chunk_offsets, int64_t format, double scale) {
   TORCH_CHECK_VALUE(grad.defined() && grad.numel() > 0, "grad: expected a non-empty tensor");
-  const DType grad_dtype = to_dtype(grad.scalar_type(), "grad");
+  const DType grad_dtype = to_dtype(grad.scalar_type(), "grad", /*allow_double=*/false);
   TORCH_CHECK_VALUE(grad.numel() <= kMaxInt32, "grad: expected at most 2^31-1 elements (int32 selections), got ",
                     grad.numel());
   const Format f = to_format(format, "format");
@@ -251,11 +240,7 @@ PreparedAdamW prepare_adamw(at::TensorList weights, const at::Tensor& exp_avg, c
     const auto name = [i] { return "weights[" + std::to_string(i) + "]"; };
     TORCH_CHECK_VALUE(w.device() == device, name(), ": expected device ", device, " (the device of weights[0]), got ",
                       w.device());
-    const at::ScalarType st = w.scalar_type();
-    const DType dt = st == at::kFloat      ? DType::kFloat32
-                     : st == at::kBFloat16 ? DType::kBFloat16
-                     : st == at::kHalf     ? DType::kFloat16
-                                           : to_dtype(st, name().c_str());  // throws
+    const DType dt = to_dtype_named(w.scalar_type(), name, /*allow_double=*/false);
     TORCH_CHECK_VALUE(w.is_contiguous(), name(), ": expected a contiguous tensor, got strides ", w.strides(),
                       " for shape ", w.sizes());
     const int64_t n = w.numel(), k = row[kColK], cb = row[kColCompactBegin], mb = row[kColMasterBegin];

@@ -12,6 +12,8 @@
 
 #include <cstdint>
 
+#include "fewstep/dtype.h"
+
 namespace fewstep {
 namespace sara {
 
@@ -19,7 +21,6 @@ constexpr int64_t kChunk = 1024;       // elements per bitmask chunk = 32 words
 constexpr int64_t kUnitEntries = 256;  // compact entries per work unit of an index selection
 
 enum class Format : uint8_t { kIndices = 0, kBitmask = 1 };
-enum class DType : uint8_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // Columns of the int64 layout table [num_tensors, kLayoutCols] built by fewstep.finetune.
 enum LayoutCol : int {

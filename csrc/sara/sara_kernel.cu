@@ -3,11 +3,9 @@
 // One warp handles one work unit. For a bitmask unit (1024 dense elements = 32 words) lane j
 // loads word j and the warp scans the popcounts: an entry's compact slot is its chunk's offset
 // + the set bits of the words before it + the set bits below it in its word.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <cstdint>
 
+#include "fewstep/cuda_dtype.cuh"
 #include "sara/sara_cuda.h"
 
 namespace fewstep {
@@ -18,18 +16,19 @@ constexpr int kThreads = 256;
 constexpr int kWarpsPerBlock = kThreads / 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 
+// Weights and gradients of one launch have different dtypes: chosen per tensor at run time.
 __device__ __forceinline__ float load_as_float(const void* base, DType dt, int64_t i) {
   switch (dt) {
-    case DType::kFloat16: return __half2float(static_cast<const __half*>(base)[i]);
-    case DType::kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]);
+    case DType::kFloat16: return to_compute(static_cast<const __half*>(base)[i]);
+    case DType::kBFloat16: return to_compute(static_cast<const __nv_bfloat16*>(base)[i]);
     default: return static_cast<const float*>(base)[i];
   }
 }
 
 __device__ __forceinline__ void store_from_float(void* base, DType dt, int64_t i, float v) {
   switch (dt) {
-    case DType::kFloat16: static_cast<__half*>(base)[i] = __float2half_rn(v); break;
-    case DType::kBFloat16: static_cast<__nv_bfloat16*>(base)[i] = __float2bfloat16_rn(v); break;
+    case DType::kFloat16: static_cast<__half*>(base)[i] = from_compute<__half>(v); break;
+    case DType::kBFloat16: static_cast<__nv_bfloat16*>(base)[i] = from_compute<__nv_bfloat16>(v); break;
     default: static_cast<float*>(base)[i] = v;
   }
 }

@@ -261,9 +261,7 @@ class SaRA(torch.optim.Optimizer):
         self._synced = True
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self._grad.zero_()
-        for p in self._weights:
-            p.grad = None
+        self._grad.zero_()  # dense gradients are already gone: the hook frees each one
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:

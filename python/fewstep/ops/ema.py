@@ -25,8 +25,7 @@ def ema_update_(ema_params: Iterable[torch.Tensor], params: Iterable[torch.Tenso
     ``ema_params`` may be fp32 (or fp16/bf16) copies of fp16/bf16/fp32 ``params``; pairs must
     have equal shapes and be contiguous. Accepts tensors or ``nn.Parameter`` iterables, e.g.
     ``fewstep.ema_update_(ema_model.parameters(), model.parameters(), 0.999)``."""
-    ema_list = [t.detach() for t in ema_params]
-    param_list = [t.detach() for t in params]
+    ema_list, param_list = list(ema_params), list(params)  # no_grad: parameters update in place
     if isinstance(decay, bool) or not isinstance(decay, (int, float)):
         raise TypeError(f"decay: expected a float in [0, 1], got {type(decay).__name__}")
     if not ema_list and not param_list:
