@@ -17,7 +17,7 @@ $(BIN)/python:
 $(DEPS): $(BIN)/python
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" scikit-build-core ninja numpy triton \
-		pytest pytest-benchmark diffusers safetensors
+		pytest pytest-benchmark diffusers safetensors peft scikit-learn tqdm
 	touch $@
 
 install: $(DEPS)
