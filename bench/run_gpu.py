@@ -17,12 +17,14 @@ import ema_gpu  # noqa: E402
 import sampler_step_gpu  # noqa: E402
 import samplers_gpu  # noqa: E402
 import sara_gpu  # noqa: E402
+import trainer_gpu  # noqa: E402
 
 SUITES = {"sampler_step": lambda rec, c: sampler_step_gpu.run(rec, c["copy_GBps"]),
           "loop4": lambda rec, c: samplers_gpu.run(rec),
           "sara": lambda rec, c: sara_gpu.run(rec, c["copy_GBps"]),
           "ema": lambda rec, c: ema_gpu.run(rec, c["copy_GBps"]),
-          "dmd_loss": lambda rec, c: dmd_loss_gpu.run(rec)}
+          "dmd_loss": lambda rec, c: dmd_loss_gpu.run(rec),
+          "trainer": lambda rec, c: trainer_gpu.run(rec, c["copy_GBps"])}
 
 
 def main():
@@ -50,7 +52,8 @@ def main():
                     "CUDA-event medians of whole training steps (forward, backward, optimizer step, zero_grad); "
                     "peak_GiB is torch.cuda.max_memory_allocated over the timed steps minus what was allocated before the config was built. "
                     "dmd_loss times are forward + backward; transient_buffers is the peak above the inputs and x.grad, "
-                    "in input-sized buffers.")
+                    "in input-sized buffers. trainer_opt_ema: optimizer step + EMA over SD1.5 shapes (40 B/param in two "
+                    "passes, 36 B/param folded); trainer_step: host wall time of one training step.")
     print("wrote", stem + ".json")
 
 

@@ -320,6 +320,21 @@ class Trainer:
         self._samples = 0
         self._window_start = time.perf_counter()
 
+    def train_step(self) -> list[str]:
+        """One step (every phase of ``method.phases_at(step)``), without logging or checkpointing;
+        returns the phases trained. :meth:`train` calls it ``max_steps`` times."""
+        step = self.step
+        batches = [self._next_batch() for _ in range(self.grad_accum)]
+        self._samples += sum(_batch_size(b) or 0 for b in batches) * self.world_size
+        self._grad_norm = {}
+        phases = list(self.method.phases_at(step))
+        for phase in phases:
+            self.method.check_phase(phase)
+            self._train_phase(phase, batches, step)
+            self._phase_steps[phase] = self._phase_steps.get(phase, 0) + 1
+        self.step += 1
+        return phases
+
     def train(self) -> "Trainer":
         """Runs from the current step (0, or where :meth:`resume` left it) to ``max_steps``."""
         reporter = Reporter(self.out_dir, self.max_steps, self.step, self.progress) if self.rank == 0 else None
@@ -327,16 +342,7 @@ class Trainer:
             os.makedirs(self.out_dir, exist_ok=True)
         try:
             while self.step < self.max_steps:
-                step = self.step
-                batches = [self._next_batch() for _ in range(self.grad_accum)]
-                self._samples += sum(_batch_size(b) or 0 for b in batches) * self.world_size
-                self._grad_norm = {}
-                phases = list(self.method.phases_at(step))
-                for phase in phases:
-                    self.method.check_phase(phase)
-                    self._train_phase(phase, batches, step)
-                    self._phase_steps[phase] = self._phase_steps.get(phase, 0) + 1
-                self.step += 1
+                phases = self.train_step()
                 if reporter is not None:
                     reporter.advance()
                 done = self.step == self.max_steps
