@@ -14,10 +14,11 @@ from fewstep._dispatch import BACKENDS, BackendUnavailableError, backend
 from fewstep import finetune, losses, ops, samplers
 from fewstep.ops.ema import ema_update_
 from fewstep.denoiser import Denoiser, FlowSchedule, Prediction, VPSchedule
+from fewstep import train  # after ema_update_, which the trainer calls
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "Denoiser", "FlowSchedule", "Prediction", "VPSchedule", "backend", "build_info", "ema_update_", "finetune", "losses", "ops", "samplers"]
+__all__ = ["BACKENDS", "BackendUnavailableError", "Denoiser", "FlowSchedule", "Prediction", "VPSchedule", "backend", "build_info", "ema_update_", "finetune", "losses", "ops", "samplers", "train"]
 
 
 def build_info() -> dict:

@@ -17,6 +17,7 @@ import random
 import shutil
 
 import numpy as np
+import safetensors.torch
 import torch
 
 LATEST = "latest"
@@ -26,21 +27,13 @@ def checkpoint_name(step: int) -> str:
     return f"checkpoint-{step}"
 
 
-def _safetensors():
-    try:
-        import safetensors.torch
-    except ImportError as e:
-        raise ImportError("fewstep.train checkpoints are safetensors files: pip install safetensors") from e
-    return safetensors.torch
-
-
 def save_weights(tensors: dict[str, torch.Tensor], path: str) -> None:
     # copies on the host: safetensors refuses tensors that share memory (tied or LoRA base weights)
-    _safetensors().save_file({k: t.detach().to("cpu", copy=True).contiguous() for k, t in tensors.items()}, path)
+    safetensors.torch.save_file({k: t.detach().to("cpu", copy=True).contiguous() for k, t in tensors.items()}, path)
 
 
 def load_weights(path: str) -> dict[str, torch.Tensor]:
-    return _safetensors().load_file(path)
+    return safetensors.torch.load_file(path)
 
 
 def write_checkpoint(out_dir: str, step: int, files: dict[str, object]) -> str:
