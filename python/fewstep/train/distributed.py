@@ -47,14 +47,6 @@ def gather_to_all(obj) -> list:
     return out
 
 
-def broadcast_from_rank0(obj):
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def broadcast_module_(module: nn.Module) -> None:
     """Gives every rank rank 0's parameters and buffers (FSDP2 shards what each rank holds, so the
     ranks must start equal; DDP does this itself)."""
