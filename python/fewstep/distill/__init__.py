@@ -1,4 +1,6 @@
 """Distillation methods: many-step teacher -> 1-4 step student (see :mod:`fewstep.distill.base`)."""
 from fewstep.distill.base import DistillationMethod
+from fewstep.distill.boot import BOOT
+from fewstep.distill.dmd2 import DMD, DMD2
 
-__all__ = ["DistillationMethod"]
+__all__ = ["BOOT", "DMD", "DMD2", "DistillationMethod"]
