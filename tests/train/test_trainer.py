@@ -95,24 +95,28 @@ def test_ema_follows_the_student_after_each_of_its_steps():
 
 
 class _AdamWKeepingEMA(torch.optim.AdamW):
-    """The interface fewstep.optim.FusedAdamW offers the trainer (ema_decay, ema_parameters), so
-    that fold_ema can be tested before that optimizer lands; its EMA runs after its own step."""
+    """The interface fewstep.optim.FusedAdamW offers the trainer (a per-group "ema_decay",
+    ``ema_parameters()`` in parameter order over the groups that have one), so that fold_ema is
+    tested whether or not that optimizer is installed; its EMA runs after its own step."""
 
     def __init__(self, params, lr, ema_decay):
+        self._ema = {}
         super().__init__(params, lr=lr)
-        self.defaults["ema_decay"] = ema_decay
-        self._ema = [p.detach().float().clone() for g in self.param_groups for p in g["params"]]
-        self.steps = 0
+        self.param_groups[0]["ema_decay"] = ema_decay
+
+    def _ema_of(self, p):
+        return self._ema.setdefault(id(p), p.detach().float().clone())
 
     def ema_parameters(self):
-        return self._ema
+        return [self._ema_of(p) for g in self.param_groups if g.get("ema_decay") is not None for p in g["params"]]
 
     @torch.no_grad()
     def step(self, closure=None):
         super().step(closure)
-        self.steps += 1
-        params = [p for g in self.param_groups for p in g["params"]]
-        torch._foreach_lerp_(self._ema, [p.float() for p in params], 1 - self.defaults["ema_decay"])
+        for group in self.param_groups:
+            if group.get("ema_decay") is not None:
+                for p in group["params"]:
+                    self._ema_of(p).lerp_(p.float(), 1 - group["ema_decay"])
 
 
 def test_an_optimizer_that_keeps_the_ema_takes_it_over(monkeypatch):
@@ -139,6 +143,30 @@ def test_fold_ema_declines_what_it_cannot_fold():
     assert fold_ema(_AdamWKeepingEMA(p[:1], 1e-3, 0.9), p, 0.9) is None        # not all params
     opt = _AdamWKeepingEMA(p[::-1], 1e-3, 0.9)
     assert fold_ema(opt, p, 0.9) == opt.ema_parameters()[::-1]                  # in the params' order
+    extra = nn.Parameter(torch.randn(5))
+    opt = _AdamWKeepingEMA([extra], 1e-3, None)                                 # a group without EMA first
+    opt.add_param_group({"params": p, "ema_decay": 0.9})
+    assert fold_ema(opt, p, 0.9) == opt.ema_parameters()
+    assert fold_ema(opt, [extra], 0.9) is None
+
+
+def test_fused_adamw_takes_over_the_ema_and_resumes(tmp_path):
+    pytest.importorskip("fewstep.optim")
+    method = _method()
+    kwargs = {"optimizers": "fused_adamw", "ema": {"student": (method.student, 0.75)}, "out_dir": str(tmp_path)}
+    trainer = _trainer(method, max_steps=4, checkpoint_every=2, **kwargs)
+    assert trainer.ema["student"].folded
+    trainer.train()
+    opt = trainer.optimizers["student"]
+    for (name, _), copy in zip(method.student.named_parameters(), opt.ema_parameters()):
+        assert trainer.ema_state_dict("student")[name] is copy
+    resumed_method = _method()
+    resumed = _trainer(resumed_method, max_steps=4, **{**kwargs, "ema": {"student": (resumed_method.student, 0.75)}})
+    resumed.resume(str(tmp_path / "checkpoint-2")).train()
+    for key, value in trainer.ema_state_dict("student").items():
+        assert torch.equal(value, resumed.ema_state_dict("student")[key]), key
+    for (name, a), b in zip(method.state_dict().items(), resumed_method.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_log_lines_hold_losses_lr_grad_norm_and_throughput(tmp_path):

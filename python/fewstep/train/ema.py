@@ -13,16 +13,19 @@ from fewstep.train.distributed import gather_like, local_tensor, shard_like
 
 def fold_ema(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], decay: float) -> Optional[list[torch.Tensor]]:
     """The hook through which an optimizer takes over an EMA: when ``optimizer`` keeps EMA copies
-    of its parameters and updates them in its own step with ``decay`` (``fewstep.optim.FusedAdamW``
-    with ``ema_decay``: one pass over the parameters instead of two), the copies of ``params`` in
-    their order; otherwise None, and the trainer runs :func:`fewstep.ema_update_` itself."""
-    ema_parameters = getattr(optimizer, "ema_parameters", None)
-    if ema_parameters is None or optimizer.defaults.get("ema_decay") != decay:
+    of its parameters and updates them in its own step (``fewstep.optim.FusedAdamW``: one pass
+    over the parameters instead of two) — ``ema_parameters()`` lists them, in parameter order, for
+    the param groups whose ``"ema_decay"`` is set — and every one of ``params`` is in a group with
+    ``ema_decay == decay``, the copies of ``params`` in their order; otherwise None, and the trainer
+    runs :func:`fewstep.ema_update_` itself."""
+    if not callable(getattr(optimizer, "ema_parameters", None)):
         return None
-    position = {id(p): i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
-    if any(id(p) not in position for p in params):
+    groups = [g for g in optimizer.param_groups if g.get("ema_decay") is not None]
+    position = {id(p): i for i, p in enumerate(p for g in groups for p in g["params"])}
+    group_decay = {id(p): g["ema_decay"] for g in groups for p in g["params"]}
+    if any(group_decay.get(id(p)) != decay for p in params):
         return None
-    copies = ema_parameters()
+    copies = optimizer.ema_parameters()
     return [copies[position[id(p)]] for p in params]
 
 
