@@ -40,11 +40,21 @@ class VPSchedule:
         self.num_train_timesteps = abar.numel()
         self._alpha = abar.sqrt()
         self._sigma = (1 - abar).sqrt()
+        self._on_device: dict = {}
+
+    def _tables(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tables on ``device``, copied once: a blocking copy from host memory per call would be
+        a host-device sync in every model evaluation."""
+        key = (device, dtype)
+        if key not in self._on_device:
+            self._on_device[key] = (self._alpha.to(device, dtype), self._sigma.to(device, dtype))
+        return self._on_device[key]
 
     def alpha_sigma(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(alpha_t, sigma_t) broadcastable against ``like`` ([B, 1, ...]), in like's float dtype."""
         idx = t.long().to(like.device)
-        return _per_sample(self._alpha, idx, like), _per_sample(self._sigma, idx, like)
+        alpha, sigma = self._tables(like.device, torch.float64 if like.dtype == torch.float64 else torch.float32)
+        return _broadcast(alpha[idx], like), _broadcast(sigma[idx], like)
 
 
 class FlowSchedule:
@@ -76,11 +86,6 @@ def _broadcast(per_sample: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"t: expected a scalar or one timestep per sample ({like.shape[0]}), got shape "
                          f"{list(per_sample.shape)}")
     return per_sample.view((-1,) + (1,) * (like.dim() - 1))
-
-
-def _per_sample(table: torch.Tensor, idx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    compute = torch.float64 if like.dtype == torch.float64 else torch.float32
-    return _broadcast(table.to(like.device, compute)[idx], like)
 
 
 @dataclasses.dataclass
