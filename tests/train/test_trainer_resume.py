@@ -47,6 +47,7 @@ def _assert_same_state(a, b, what):
 @pytest.mark.parametrize("mixed_precision", ["no", "fp16"])
 def test_killed_run_resumes_bit_exactly(tmp_path, mixed_precision):
     whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
+    run_whole, run_killed = os.path.join(whole, "auto"), os.path.join(killed, "auto")  # the script's run dirs
     tiny_distill.main(["--out", whole, "--steps", str(N), "--checkpoint-every", str(N),
                        "--mixed-precision", mixed_precision])
 
@@ -54,22 +55,22 @@ def test_killed_run_resumes_bit_exactly(tmp_path, mixed_precision):
     first = _run_script("--out", killed, "--steps", str(N), "--checkpoint-every", str(K),
                         "--kill-at", str(K * grad_accum), "--mixed-precision", mixed_precision)
     assert first.returncode == -signal.SIGKILL, first.stderr
-    assert open(os.path.join(killed, "latest")).read().strip() == f"checkpoint-{K}"
-    assert not os.path.exists(os.path.join(killed, "weights-rank0.pt"))
+    assert open(os.path.join(run_killed, "latest")).read().strip() == f"checkpoint-{K}"
+    assert not os.path.exists(os.path.join(run_killed, "weights-rank0.pt"))
 
     second = _run_script("--out", killed, "--steps", str(N), "--checkpoint-every", str(N), "--resume",
                          "--mixed-precision", mixed_precision)
     assert second.returncode == 0, second.stderr
 
-    _assert_same_tensors(torch.load(os.path.join(whole, "weights-rank0.pt")),
-                         torch.load(os.path.join(killed, "weights-rank0.pt")), "final weights and EMA")
-    final_whole = os.path.join(whole, f"checkpoint-{N}")
-    final_killed = os.path.join(killed, f"checkpoint-{N}")
+    _assert_same_tensors(torch.load(os.path.join(run_whole, "weights-rank0.pt")),
+                         torch.load(os.path.join(run_killed, "weights-rank0.pt")), "final weights and EMA")
+    final_whole = os.path.join(run_whole, f"checkpoint-{N}")
+    final_killed = os.path.join(run_killed, f"checkpoint-{N}")
     _assert_same_state(ckpt.read(final_whole, "optimizers.pt"), ckpt.read(final_killed, "optimizers.pt"),
                        "optimizer and scaler states")
     _assert_same_state(ckpt.read(final_whole, "rng.pt"), ckpt.read(final_killed, "rng.pt"), "rng states")
     assert ckpt.read(final_killed, "trainer.json")["batches_drawn"] == N * grad_accum
     # the method-owned target network and its counter are part of the weights
-    weights = torch.load(os.path.join(killed, "weights-rank0.pt"))
+    weights = torch.load(os.path.join(run_killed, "weights-rank0.pt"))
     assert int(weights["target_updates"]) == N
     assert not any(k.startswith("teacher.") for k in weights)

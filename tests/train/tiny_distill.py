@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import signal
 import sys
@@ -96,19 +95,20 @@ def make_data(batch: int, kill_at: int | None = None, ranks_in_one: int = 1):
     return data
 
 
-def build(args) -> fewstep.train.Trainer:
+def build(args, parallel: str) -> fewstep.train.Trainer:
     torch.manual_seed(1234)  # the same initial weights in every process
     method = TinyDistill(with_target=not args.no_target)
     return fewstep.train.Trainer(
         method, make_data(args.batch, args.kill_at, args.ranks_in_one), max_steps=args.steps,
         grad_accum=args.grad_accum, clip_grad_norm=1.0, mixed_precision=args.mixed_precision,
         lr={"student": 3e-3, "critic": 1e-2}, ema={"student": (method.student, 0.9)}, log_every=2,
-        checkpoint_every=args.checkpoint_every, out_dir=args.out, seed=SEED, progress=False, parallel=args.parallel)
+        checkpoint_every=args.checkpoint_every, out_dir=os.path.join(args.out, parallel), seed=SEED, progress=False,
+        parallel=parallel)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", required=True, help="each run writes into OUT/<parallel>")
     parser.add_argument("--steps", type=int, default=7)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--grad-accum", type=int, default=2)
@@ -116,20 +116,19 @@ def main(argv=None):
     parser.add_argument("--kill-at", type=int, default=None)
     parser.add_argument("--ranks-in-one", type=int, default=1)
     parser.add_argument("--mixed-precision", default="no")
-    parser.add_argument("--parallel", default="auto")
+    parser.add_argument("--parallel", default="auto", help="modes to run one after the other, comma-separated")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--no-target", action="store_true", help="no EMA target network (its update is not FSDP2-aware)")
     args = parser.parse_args(argv)
-    trainer = build(args)
-    if args.resume:
-        trainer.resume("latest")
-    trainer.train()
-    # every rank writes what it holds, so the test can compare ranks
-    weights = {k: v.detach().clone() for k, v in trainer.model_state_dict().items()}
-    weights.update({f"ema/{k}": v for k, v in trainer.ema_state_dict("student").items()})
-    torch.save(weights, os.path.join(args.out, f"weights-rank{trainer.rank}.pt"))
-    with open(os.path.join(args.out, f"done-rank{trainer.rank}.json"), "w") as f:
-        json.dump({"step": trainer.step, "world_size": trainer.world_size, "parallel": trainer.parallel}, f)
+    for parallel in args.parallel.split(","):
+        trainer = build(args, parallel)
+        if args.resume:
+            trainer.resume("latest")
+        trainer.train()
+        # every rank writes what it holds, so the test can compare ranks
+        weights = {k: v.detach().clone() for k, v in trainer.model_state_dict().items()}
+        weights.update({f"ema/{k}": v for k, v in trainer.ema_state_dict("student").items()})
+        torch.save(weights, os.path.join(trainer.out_dir, f"weights-rank{trainer.rank}.pt"))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
