@@ -12,6 +12,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
+import distill_methods_gpu  # noqa: E402
 import dmd_loss_gpu  # noqa: E402
 import ema_gpu  # noqa: E402
 import sampler_step_gpu  # noqa: E402
@@ -24,7 +25,8 @@ SUITES = {"sampler_step": lambda rec, c: sampler_step_gpu.run(rec, c["copy_GBps"
           "sara": lambda rec, c: sara_gpu.run(rec, c["copy_GBps"]),
           "ema": lambda rec, c: ema_gpu.run(rec, c["copy_GBps"]),
           "dmd_loss": lambda rec, c: dmd_loss_gpu.run(rec),
-          "trainer": lambda rec, c: trainer_gpu.run(rec, c["copy_GBps"])}
+          "trainer": lambda rec, c: trainer_gpu.run(rec, c["copy_GBps"]),
+          "distill_methods": lambda rec, c: distill_methods_gpu.run(rec)}
 
 
 def main():
@@ -53,7 +55,9 @@ def main():
                     "peak_GiB is torch.cuda.max_memory_allocated over the timed steps minus what was allocated before the config was built. "
                     "dmd_loss times are forward + backward; transient_buffers is the peak above the inputs and x.grad, "
                     "in input-sized buffers. trainer_opt_ema: optimizer step + EMA over SD1.5 shapes (40 B/param in two "
-                    "passes, 36 B/param folded); trainer_step: host wall time of one training step.")
+                    "passes, 36 B/param folded); trainer_step: host wall time of one training step. "
+                    "distill_methods: CUDA-event medians of one phase's loss + backward against the same "
+                    "model passes written by hand (overhead_pct: what the method adds).")
     print("wrote", stem + ".json")
 
 
