@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fewstep import samplers
-from fewstep.demo import SD_SCHEDULE, run
+from fewstep.demo.samplers import SD_SCHEDULE, run
 from fewstep.toy import GaussianMixtureDenoiser
 
 ALPHAS = samplers.schedules.alphas_cumprod(**SD_SCHEDULE)
@@ -55,5 +55,5 @@ def test_demo_runs_and_more_steps_get_closer_to_the_data():
 
 
 def test_cli_rejects_bad_arguments():
-    proc = subprocess.run([sys.executable, "-m", "fewstep.cli", "demo", "--steps", "0"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "fewstep.cli", "samplers", "--steps", "0"], capture_output=True, text=True)
     assert proc.returncode != 0 and "--steps" in proc.stderr

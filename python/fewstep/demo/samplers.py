@@ -1,4 +1,4 @@
-"""``fewstep demo``: few-step sampling of a model whose right answer is known, with timings.
+"""``fewstep samplers``: few-step sampling of a model whose right answer is known, with timings.
 
 The model is the exact denoiser of a Gaussian mixture (:mod:`fewstep.toy`), so sample quality is a
 number — the samples' mean squared distance to the nearest mode over real data's (1.00 = the true
@@ -96,7 +96,7 @@ def run(device: str = "auto", num_samples: int = 4096, steps=(1, 2, 4, 8, 25), s
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="fewstep demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="fewstep samplers", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     parser.add_argument("--samples", type=int, default=4096)
     parser.add_argument("--steps", default="1,2,4,8,25", help="comma-separated step counts")
