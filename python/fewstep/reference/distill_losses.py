@@ -39,7 +39,7 @@ def pseudo_huber_reference(pred: torch.Tensor, target: torch.Tensor, c: float = 
 def denoising_reference(pred: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
                         dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, per-sample MSE [B])."""
-    per_sample = (pred.to(dtype) - target.to(dtype)).square().flatten(1).mean(1)
+    per_sample = (pred.to(dtype) - target.to(dtype)).square().reshape(pred.shape[0], -1).mean(1)
     weighted = per_sample if weight is None else weight.to(dtype) * per_sample
     return weighted.mean(), per_sample
 
