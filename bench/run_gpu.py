@@ -12,6 +12,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
+import distill_losses_gpu  # noqa: E402
 import distill_methods_gpu  # noqa: E402
 import dmd_loss_gpu  # noqa: E402
 import ema_gpu  # noqa: E402
@@ -26,7 +27,8 @@ SUITES = {"sampler_step": lambda rec, c: sampler_step_gpu.run(rec, c["copy_GBps"
           "ema": lambda rec, c: ema_gpu.run(rec, c["copy_GBps"]),
           "dmd_loss": lambda rec, c: dmd_loss_gpu.run(rec),
           "trainer": lambda rec, c: trainer_gpu.run(rec, c["copy_GBps"]),
-          "distill_methods": lambda rec, c: distill_methods_gpu.run(rec)}
+          "distill_methods": lambda rec, c: distill_methods_gpu.run(rec),
+          "distill_losses": lambda rec, c: distill_losses_gpu.run(rec)}
 
 
 def main():
@@ -57,7 +59,9 @@ def main():
                     "in input-sized buffers. trainer_opt_ema: optimizer step + EMA over SD1.5 shapes (40 B/param in two "
                     "passes, 36 B/param folded); trainer_step: host wall time of one training step. "
                     "distill_methods: CUDA-event medians of one phase's loss + backward against the same "
-                    "model passes written by hand (overhead_pct: what the method adds).")
+                    "model passes written by hand (overhead_pct: what the method adds). "
+                    "distill_losses times are forward + backward of each loss head (LCD: the "
+                    "teacher step under no_grad, then the consistency loss).")
     print("wrote", stem + ".json")
 
 

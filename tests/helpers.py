@@ -41,3 +41,14 @@ def backends_for(device: str) -> list[str]:
 
 def devices() -> list[str]:
     return ["cpu"] + (["cuda"] if HAS_CUDA else [])
+
+
+def assert_close_to_reference_fp64(out: torch.Tensor, ref64: torch.Tensor, same_op_fp32: torch.Tensor, what: str):
+    """The float64 form of :func:`assert_close_to_reference`, where the reference is itself a float64
+    computation: PyTorch's float64 error is estimated as its float32 error on the same math scaled by
+    the ratio of the unit roundoffs (same operations, same conditioning)."""
+    assert torch.isfinite(out).all(), f"{what}: non-finite values (unwritten or NaN)"
+    kernel = rel_err(out, ref64)
+    torch_err = rel_err(same_op_fp32, ref64) * torch.finfo(torch.float64).eps / torch.finfo(torch.float32).eps
+    bound = 2 * torch_err + 16 * torch.finfo(torch.float64).eps
+    assert kernel <= bound, f"{what}: relative error {kernel:.3e} > bound {bound:.3e} (torch at fp64, est.: {torch_err:.3e})"

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "fewstep/block_reduce.cuh"
 #include "fewstep/cuda_dtype.cuh"
 #include "dmd_loss/dmd_loss_cuda.h"
 
@@ -15,19 +16,6 @@ namespace dmd_loss {
 namespace {
 
 constexpr int kThreads = 256;
-
-// Block-wide sum in a fixed order: each warp by shuffles, then warp results in index order.
-__device__ __forceinline__ double block_sum(double v) {
-  __shared__ double warp_sums[kThreads / 32];
-  for (int d = 16; d > 0; d >>= 1) v += __shfl_down_sync(0xffffffffu, v, d);
-  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x / 32] = v;
-  __syncthreads();
-  double total = 0;
-  if (threadIdx.x == 0)
-    for (int w = 0; w < kThreads / 32; ++w) total += warp_sums[w];
-  __syncthreads();  // warp_sums may be reused by the next call
-  return total;  // valid in thread 0
-}
 
 template <typename T>
 __device__ __forceinline__ typename Compute<T>::type real_at(const Params& p, int64_t i) {
@@ -50,7 +38,7 @@ __global__ void __launch_bounds__(kThreads) norm_kernel(const Params p) {
     const int64_t i = base + j;
     acc += fabs(to_compute(x[i]) - real_at<T>(p, i));
   }
-  const double total = block_sum(acc);
+  const double total = block_sum<kThreads>(acc);
   if (threadIdx.x == 0) p.norm_partials[b * p.chunks + c] = total;
 }
 
@@ -68,7 +56,7 @@ __global__ void __launch_bounds__(kThreads) loss_kernel(const Params p) {
   const int64_t b = blockIdx.y, c = blockIdx.x;
   double partial = 0;  // the sample's norm from its chunk sums, in a fixed order
   for (int64_t k = threadIdx.x; k < p.chunks; k += kThreads) partial += p.norm_partials[b * p.chunks + k];
-  const double s = block_sum(partial);
+  const double s = block_sum<kThreads>(partial);
   if (threadIdx.x == 0) {
     norm = static_cast<C>(s / static_cast<double>(p.per_sample));
     if (c == 0) p.norm[b] = s / static_cast<double>(p.per_sample);
@@ -81,7 +69,7 @@ __global__ void __launch_bounds__(kThreads) loss_kernel(const Params p) {
     const C g = g_at<T>(p, base + j, norm);
     acc += static_cast<double>(g) * g;
   }
-  const double total = block_sum(acc);
+  const double total = block_sum<kThreads>(acc);
   if (threadIdx.x == 0) p.loss_partials[b * p.chunks + c] = total;
 }
 
@@ -105,7 +93,7 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(const Params p, doub
   double acc = 0;
   const int64_t n = p.batch * p.chunks;
   for (int64_t k = threadIdx.x; k < n; k += kThreads) acc += p.loss_partials[k];
-  const double total = block_sum(acc);
+  const double total = block_sum<kThreads>(acc);
   if (threadIdx.x == 0) {
     const double loss = 0.5 * total * inv_numel;
     if (is_double) *static_cast<double*>(p.loss) = loss;
