@@ -251,7 +251,7 @@ class _ScalarLessMethod(TinyDistill):
     ({"optimizers": "sgd"}, TypeError, "optimizers: expected None, 'fused_adamw' or a factory"),
     ({"optimizers": lambda phase, params, lr: None}, TypeError, "expected the factory to return"),
     ({"frozen": ("teachr",)}, ValueError, "frozen: expected names of the method's submodules"),
-    ({"frozen": ("student",)}, ValueError, "frozen: .* phase 'student' trains parameters of them"),
+    ({"frozen": ("student",)}, ValueError, "frozen: .* phase 'student' trains parameters that only they hold"),
     ({"ema": {"s": (nn.Linear(2, 2), 0.9)}}, ValueError, r"ema\['s'\]: expected a module whose trainable"),
     ({"ema": {"s": (None, 1.5)}}, ValueError, r"ema\['s'\]: expected a decay in \[0, 1\]"),
 ])

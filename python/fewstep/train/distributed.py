@@ -9,6 +9,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from fewstep.denoiser import Denoiser
+
 PARALLEL_MODES = ("auto", "ddp", "fsdp2", "none")
 
 
@@ -87,35 +89,45 @@ class _DDP(DistributedDataParallel):
             return getattr(self.module, name)
 
 
-def trainable_children(method: nn.Module, trainable: set[int]) -> dict[str, nn.Module]:
-    """The method's direct submodules that hold trainable parameters (ids in ``trainable``): the
-    units that are wrapped for data parallelism."""
+def parallel_units(method: nn.Module, trainable: set[int], exclude: tuple[str, ...]) -> dict[str, nn.Module]:
+    """What gets wrapped for data parallelism, by dotted path: each direct submodule of the method
+    that holds trainable parameters (ids in ``trainable``), except those in ``exclude``; for a
+    ``fewstep.Denoiser`` its inner ``model``, whose output is a plain tensor that DDP and FSDP2
+    can follow (a Denoiser returns a ``Prediction``)."""
     direct = [name for name, p in method.named_parameters(recurse=False) if id(p) in trainable]
     if direct:
         raise ValueError(f"method: data parallel training wraps submodules, but the method holds trainable "
                          f"parameters {direct} directly; move them into a submodule")
-    return {name: child for name, child in method.named_children()
-            if any(id(p) in trainable for p in child.parameters())}
+    units = {}
+    for name, child in method.named_children():
+        if name in exclude or not any(id(p) in trainable for p in child.parameters()):
+            continue
+        if isinstance(child, Denoiser) and isinstance(child.model, nn.Module):
+            units[f"{name}.model"] = child.model
+        else:
+            units[name] = child
+    return units
 
 
-def wrap(method: nn.Module, children: dict[str, nn.Module], mode: str, device: torch.device,
+def wrap(method: nn.Module, units: dict[str, nn.Module], mode: str, device: torch.device,
          ddp_kwargs: dict | None = None) -> dict[str, nn.Module]:
-    """Wraps ``children`` of ``method`` for ``mode`` ("ddp" replaces each attribute by its DDP
-    wrapper; "fsdp2" shards each in place with ``fully_shard``); returns the DDP wrappers."""
+    """Wraps ``units`` (dotted paths in ``method``) for ``mode``: "ddp" replaces each attribute by
+    its DDP wrapper, "fsdp2" shards each in place with ``fully_shard``. Returns the DDP wrappers."""
     wrappers = {}
-    for name, child in children.items():
+    for path, unit in units.items():
         if mode == "ddp":
+            parent_path, _, attr = path.rpartition(".")
             ids = [device.index] if device.type == "cuda" else None
-            wrappers[name] = _DDP(child, device_ids=ids, **(ddp_kwargs or {}))
-            setattr(method, name, wrappers[name])
+            wrappers[path] = _DDP(unit, device_ids=ids, **(ddp_kwargs or {}))
+            setattr(method.get_submodule(parent_path), attr, wrappers[path])
         elif mode == "fsdp2":
             from torch.distributed.fsdp import fully_shard
-            broadcast_module_(child)
-            fully_shard(child)
+            broadcast_module_(unit)
+            fully_shard(unit)
     return wrappers
 
 
-def gradient_sync(method_children: dict[str, nn.Module], ddp_wrappers: dict[str, nn.Module], mode: str,
+def gradient_sync(units: dict[str, nn.Module], ddp_wrappers: dict[str, nn.Module], mode: str,
                   sync: bool) -> contextlib.AbstractContextManager:
     """A context in which backward passes average gradients across ranks only when ``sync`` (the
     last micro-batch of an accumulation), so accumulation communicates once per step."""
@@ -124,8 +136,8 @@ def gradient_sync(method_children: dict[str, nn.Module], ddp_wrappers: dict[str,
         for wrapper in ddp_wrappers.values():
             stack.enter_context(wrapper.no_sync())
     elif mode == "fsdp2":
-        for child in method_children.values():
-            child.set_requires_gradient_sync(sync)
+        for unit in units.values():
+            unit.set_requires_gradient_sync(sync)
     return stack
 
 

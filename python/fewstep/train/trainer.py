@@ -78,7 +78,9 @@ class Trainer:
     ``ema``: ``{name: (module, decay)}``, EMAs of modules the method trains (read them with
     :meth:`ema_state_dict`). ``parallel``: "auto" (DDP when launched by ``torchrun`` with more
     than one process), "ddp", "fsdp2" or "none". ``frozen``: the method's submodules that training
-    never changes, left out of checkpoints (default: its "teacher").
+    never changes, left out of checkpoints (default: its "teacher"). ``seed`` seeds Python's,
+    NumPy's and torch's global RNGs (the method's own noise) and the data generator, differently on
+    each rank. Logs take the scalar tensors of ``method.loss``'s logs; other values are ignored.
     """
 
     def __init__(self, method: DistillationMethod, data, *, max_steps: int,
@@ -141,7 +143,7 @@ class Trainer:
         trainable = {id(p) for phase in method.phases for p in self._phase_params(phase)}
         self._wrapped, self._ddp = {}, {}
         if parallel != "none":
-            self._wrapped = dd.trainable_children(method, trainable)
+            self._wrapped = dd.parallel_units(method, trainable, exclude=self.frozen)
             self._ddp = dd.wrap(method, self._wrapped, parallel, self.device, ddp_kwargs)
         self._params = {phase: self._phase_params(phase) for phase in method.phases}  # FSDP2 made new ones
 
@@ -177,10 +179,12 @@ class Trainer:
                 raise ValueError(f"method.parameters_of({phase!r}): expected parameters of the method that require "
                                  f"grad, got one of shape {list(p.shape)} that "
                                  f"{'does not require grad' if id(p) in owned else 'is not among the method parameters'}")
-        frozen = {id(p) for name in self.frozen for p in self._children[name].parameters()}
-        if any(id(p) in frozen for p in params):
-            raise ValueError(f"frozen: {list(self.frozen)} are left out of checkpoints, but phase {phase!r} trains "
-                             f"parameters of them; pass frozen=() or the names of untrained submodules")
+        saved = {id(p) for name, child in self._children.items() if name not in self.frozen for p in child.parameters()}
+        saved |= {id(p) for p in self.method.parameters(recurse=False)}
+        if any(id(p) not in saved for p in params):
+            raise ValueError(f"frozen: {list(self.frozen)} are neither checkpointed nor wrapped for data parallelism, "
+                             f"but phase {phase!r} trains parameters that only they hold; pass frozen=() or the "
+                             f"names of untrained submodules")
         return params
 
     def _lr(self, lr, phase: str) -> float:
@@ -289,15 +293,15 @@ class Trainer:
                 e.update()
 
     def _check_ddp_used(self, phase: str, forwards_before: dict[str, int]) -> None:
-        """A method that reaches a wrapped module through another reference (a Denoiser made before
-        the wrap, say) trains it without averaging its gradients across ranks: refuse."""
+        """A method that reaches a wrapped module through another reference (one kept from before the
+        wrap, say) trains it without averaging its gradients across ranks: refuse."""
         in_phase = {id(p) for p in self._params[phase]}
         for name, wrapper in self._ddp.items():
             got_grads = any(p.grad is not None for p in self._wrapped[name].parameters() if id(p) in in_phase)
             if got_grads and wrapper.forwards == forwards_before[name]:
                 raise RuntimeError(f"parallel='ddp': method.{name} received gradients in phase {phase!r} without a "
                                    f"forward through its DDP wrapper, so they would not be averaged across ranks; "
-                                   f"call self.{name}(...) in the loss (not a reference taken before the wrap)")
+                                   f"reach it as self.{name} in the loss (not by a reference kept from before the wrap)")
         self._ddp_checked.add(phase)
 
     def _record(self, phase: str, loss: torch.Tensor, logs: Mapping[str, torch.Tensor], step: int) -> None:
@@ -392,15 +396,21 @@ class Trainer:
 
     # ---- weights ---------------------------------------------------------------------------
     def _model_state(self) -> dict[str, torch.Tensor]:
-        """The method's weights and buffers by their unwrapped names, frozen submodules left out
-        (live tensors: FSDP2 shards as DTensors)."""
-        out = {}
-        for key, tensor in self.method.state_dict(keep_vars=False).items():
-            head, _, rest = key.partition(".")
-            if head in self.frozen:
+        """The method's weights and buffers by their unwrapped names, frozen submodules left out and
+        a tensor held by two submodules (a LoRA student and its teacher) kept once, under its first
+        name (live tensors: FSDP2 shards as DTensors)."""
+        out, seen = {}, set()
+        for key, tensor in self.method.state_dict().items():
+            if key.partition(".")[0] in self.frozen:
                 continue
-            if head in self._ddp and rest.startswith("module."):
-                key = f"{head}.{rest[len('module.'):]}"
+            for path in self._ddp:  # "student.module.w" -> "student.w"
+                if key.startswith(f"{path}.module."):
+                    key = f"{path}.{key[len(path) + len('.module.'):]}"
+            local = dd.local_tensor(tensor)
+            alias = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(local.shape), local.dtype)
+            if local.numel() and alias in seen:
+                continue
+            seen.add(alias)
             out[key] = tensor
         return out
 
