@@ -206,18 +206,22 @@ def test_checkpoints_are_complete_and_latest_points_at_the_newest(tmp_path):
     assert sorted(os.listdir(tmp_path)) == names
 
 
-def test_resume_from_an_iterable_skips_what_was_consumed(tmp_path):
+@pytest.mark.parametrize("mixed_precision", ["no", "fp16"])
+def test_resume_from_an_iterable_skips_what_was_consumed(tmp_path, mixed_precision):
     gen = torch.Generator().manual_seed(5)
     batches = [make_data(4)(i, gen) for i in range(3)]   # 3 batches: epochs wrap during 5 steps x 2
+    kwargs = {"grad_accum": 2, "mixed_precision": mixed_precision}
     whole = _method()
-    _trainer(whole, batches, max_steps=5, grad_accum=2).train()
-    _trainer(_method(), batches, max_steps=3, grad_accum=2, checkpoint_every=3, out_dir=str(tmp_path)).train()
+    whole_trainer = _trainer(whole, batches, max_steps=5, **kwargs).train()
+    _trainer(_method(), batches, max_steps=3, checkpoint_every=3, out_dir=str(tmp_path), **kwargs).train()
     resumed = _method()
-    trainer = _trainer(resumed, batches, max_steps=5, grad_accum=2, out_dir=str(tmp_path)).resume()
+    trainer = _trainer(resumed, batches, max_steps=5, out_dir=str(tmp_path), **kwargs).resume()
     assert trainer.step == 3 and trainer.batches_drawn == 6
     trainer.train()
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+    for phase, scaler in whole_trainer.scalers.items():
+        assert scaler.state_dict() == trainer.scalers[phase].state_dict()
 
 
 def test_nan_loss_stops_with_the_step_before_a_checkpoint(tmp_path):
