@@ -16,6 +16,7 @@ import distill_losses_gpu  # noqa: E402
 import distill_methods_gpu  # noqa: E402
 import dmd_loss_gpu  # noqa: E402
 import ema_gpu  # noqa: E402
+import lcd_guided_gpu  # noqa: E402
 import sampler_step_gpu  # noqa: E402
 import samplers_gpu  # noqa: E402
 import sara_gpu  # noqa: E402
@@ -28,7 +29,8 @@ SUITES = {"sampler_step": lambda rec, c: sampler_step_gpu.run(rec, c["copy_GBps"
           "dmd_loss": lambda rec, c: dmd_loss_gpu.run(rec),
           "trainer": lambda rec, c: trainer_gpu.run(rec, c["copy_GBps"]),
           "distill_methods": lambda rec, c: distill_methods_gpu.run(rec),
-          "distill_losses": lambda rec, c: distill_losses_gpu.run(rec)}
+          "distill_losses": lambda rec, c: distill_losses_gpu.run(rec),
+          "lcd_guided": lambda rec, c: lcd_guided_gpu.run(rec)}
 
 
 def main():
@@ -60,6 +62,8 @@ def main():
                     "passes, 36 B/param folded); trainer_step: host wall time of one training step. "
                     "distill_methods: CUDA-event medians of one phase's loss + backward against the same "
                     "model passes written by hand (overhead_pct: what the method adds). "
+                    "lcd_guided: CUDA-event medians of one LCD / LCM-LoRA / guided-distillation training step (loss, backward, "
+                    "EMA) against the same model passes written by hand. "
                     "distill_losses times are forward + backward of each loss head (LCD: the "
                     "teacher step under no_grad, then the consistency loss).")
     print("wrote", stem + ".json")
