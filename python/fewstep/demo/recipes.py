@@ -10,8 +10,10 @@ import torch
 from fewstep import samplers
 from fewstep.demo import data as demo_data
 from fewstep.demo import figure
-from fewstep.demo.models import SCHEDULE, train_teacher as _train_teacher
+from fewstep.demo.models import SCHEDULE, train_teacher as _train_teacher, with_cond_input
 from fewstep.denoiser import Denoiser
+from fewstep.distill import BOOT, DMD2, LCD, GuidedDistillation
+from fewstep.train import Trainer
 
 
 @dataclasses.dataclass
@@ -72,8 +74,8 @@ def evaluate_teacher(teacher: Denoiser, ds: demo_data.Dataset, config: Config, d
     noise = eval_noise(ds, device, config.seed)
     runs, panels = [], [("data", panel(ds, ds.halves()[0]))]
     for steps in (50, 4, 1):
-        sampler = samplers.DDIMSampler(**SCHEDULE, timestep_spacing="trailing", clip_sample=False,
-                                       set_alpha_to_one=False)
+        sampler = samplers.DDIMSampler(**SCHEDULE, prediction_type="v_prediction", timestep_spacing="trailing",
+                                       clip_sample=False, set_alpha_to_one=False)
 
         def generate():
             return samplers.sample(lambda x, t: teacher.model(x, t, class_labels=labels), noise, sampler,
@@ -85,5 +87,73 @@ def evaluate_teacher(teacher: Denoiser, ds: demo_data.Dataset, config: Config, d
     return runs, panels
 
 
-# name -> distill(teacher, ds, config, device, log) -> (runs, panels); filled by the methods below.
-METHODS: dict[str, Callable] = {}
+NULL_COND = {"class_labels": None}  # the teacher's null class: CFG's unconditional branch
+
+
+def batches(ds: demo_data.Dataset, config: Config, device: torch.device):
+    """The Trainer's data callable: a random training batch with its class labels."""
+    x_all, y_all = ds.train_x.to(device), ds.train_y.to(device)
+
+    def draw(index: int, generator: torch.Generator) -> dict:
+        idx = torch.randint(0, x_all.shape[0], (config.batch_size,), generator=generator, device=device)
+        return {"x0": x_all[idx], "cond": {"class_labels": y_all[idx]}}
+    return draw
+
+
+def train(method, ds: demo_data.Dataset, config: Config, device: torch.device, log, *, steps: int, lr,
+          ema=None) -> Trainer:
+    trainer = Trainer(method, batches(ds, config, device), max_steps=steps, lr=lr, mixed_precision="no",
+                      clip_grad_norm=1.0, ema=ema, log_every=max(1, steps // 4), progress=False,
+                      parallel="none", device=device, seed=config.seed)
+    return trainer.train()
+
+
+def evaluate(method, model_name: str, sampler_name: str, steps_list, nfe_per_step: int,
+             ds: demo_data.Dataset, config: Config, device: torch.device, **sample_kwargs):
+    labels = ds.eval_labels().to(device)
+    noise = eval_noise(ds, device, config.seed)
+    runs, panels = [], []
+    for steps in steps_list:
+        entry, pic = measure(model_name, sampler_name, steps, steps * nfe_per_step, ds,
+                             lambda: method.sample(noise, steps, class_labels=labels, **sample_kwargs), device)
+        runs.append(entry)
+        panels.append(pic)
+    return runs, panels
+
+
+def distill_lcd(teacher: Denoiser, ds: demo_data.Dataset, config: Config, device: torch.device, log):
+    """LCD without guidance (w = 0: the metric asks for the data distribution), EMA target."""
+    method = LCD(teacher, w_min=0.0, w_max=0.0, null_cond=NULL_COND, num_ddim_timesteps=50, skip=1,
+                 target="ema", ema_decay=0.95, loss="huber", huber_c=1e-3).to(device)
+    train(method, ds, config, device, log, steps=config.distill_steps, lr=3e-4)
+    return evaluate(method, "lcd", "lcm", (1, 2, 4), 1, ds, config, device)
+
+
+def distill_dmd2(teacher: Denoiser, ds: demo_data.Dataset, config: Config, device: torch.device, log):
+    """One-step DMD2: generator and fake score start as copies of the teacher; two time-scale."""
+    method = DMD2(teacher, guidance_scale=1.0, num_steps=1, dfake_gen_update_ratio=5).to(device)
+    train(method, ds, config, device, log, steps=config.distill_steps, lr={"generator": 1e-4, "critic": 1e-4})
+    return evaluate(method, "dmd2", "one-step", (1,), 1, ds, config, device)
+
+
+def distill_boot(teacher: Denoiser, ds: demo_data.Dataset, config: Config, device: torch.device, log):
+    """Data-free BOOT: the student learns the teacher's DDIM path from noise alone."""
+    method = BOOT(teacher, null_cond=NULL_COND, num_intervals=32).to(device)
+    train(method, ds, config, device, log, steps=config.distill_steps, lr=1e-4)
+    return evaluate(method, "boot", "one-step", (1,), 1, ds, config, device)
+
+
+def distill_guided(teacher: Denoiser, ds: demo_data.Dataset, config: Config, device: torch.device, log):
+    """Guided distillation: stage 1 (w-conditioned student), then progressive rounds 8 -> 4 -> 2."""
+    method = GuidedDistillation(teacher, with_cond_input(teacher.model, 32), w_min=0.0, w_max=2.0,
+                                null_cond=NULL_COND, w_embedding=32, num_steps=8).to(device)
+    train(method, ds, config, device, log, steps=config.distill_steps // 2, lr=3e-4)
+    for _ in range(2):
+        method.next_round()
+        train(method, ds, config, device, log, steps=config.distill_steps // 4, lr=3e-4)
+    return evaluate(method, "guided", "ddim", (2,), 1, ds, config, device, w=0.0)
+
+
+# name -> distill(teacher, ds, config, device, log) -> (runs, panels)
+METHODS: dict[str, Callable] = {"lcd": distill_lcd, "dmd2": distill_dmd2, "boot": distill_boot,
+                                "guided": distill_guided}
