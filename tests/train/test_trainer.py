@@ -291,3 +291,18 @@ def test_resume_needs_a_checkpoint(tmp_path):
     other.train()
     with pytest.raises(KeyError, match=r"does not fit this method: missing \['target"):
         trainer.resume(str(tmp_path / "o" / "checkpoint-1"))
+
+
+def test_ema_copies_are_fp32_for_bf16_weights_and_fp64_for_fp64_weights():
+    from fewstep.train.ema import EMA
+    for dtype, ema_dtype in ((torch.bfloat16, torch.float32), (torch.float32, torch.float32),
+                             (torch.float64, torch.float64)):
+        module = nn.Linear(3, 4).to(dtype)
+        ema = EMA("m", module, 0.5)
+        start = module.weight.detach().to(ema_dtype)
+        with torch.no_grad():
+            module.weight.add_(1.0)
+        ema.update()
+        state = ema.state_dict()
+        assert {t.dtype for t in state.values()} == {ema_dtype}
+        torch.testing.assert_close(state["weight"], 0.5 * start + 0.5 * module.weight.to(ema_dtype))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -52,9 +53,9 @@ def gather_to_all(obj) -> list:
 def broadcast_module_(module: nn.Module) -> None:
     """Gives every rank rank 0's parameters and buffers (FSDP2 shards what each rank holds, so the
     ranks must start equal; DDP does this itself)."""
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        with torch.no_grad():
-            dist.broadcast(tensor.data, src=0)
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(tensor, src=0)
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""EMA weights the trainer keeps: fp32 copies of a module's trainable parameters, updated with
+"""EMA weights the trainer keeps: fp32 (fp64 for fp64) copies of a module's trainable parameters, updated with
 :func:`fewstep.ema_update_` once per step, or by the optimizer itself where it can (``fold_ema``)."""
 from __future__ import annotations
 
@@ -40,7 +40,9 @@ class EMA:
         if not self.named:
             raise ValueError(f"ema[{name!r}]: expected a module with trainable parameters, got none")
         self.params = [p for _, p in self.named]
-        self.copies = [local_tensor(p).detach().float().clone() for p in self.params]
+        # fp32 averages of fp16/bf16/fp32 weights (updates far below a bf16 ulp add up), fp64 of fp64
+        self.copies = [local_tensor(p).detach().to(torch.promote_types(p.dtype, torch.float32), copy=True)
+                       for p in self.params]
         self.folded = False
 
     def fold_into(self, optimizer: torch.optim.Optimizer) -> bool:
