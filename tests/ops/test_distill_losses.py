@@ -495,3 +495,42 @@ def test_fake_checks_match_the_kernel_checks():
             torch.ops.fewstep.pseudo_huber_loss(p, q[:1], 0.1)
     with pytest.raises(ValueError, match=re.escape("c: expected a positive number")):
         checks.check_pseudo_huber(_P, _Q, 0)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_lcd_on_noised_data_near_t_max(device, dtype, prediction):
+    """Real inputs cancel: x_t = alpha x0 + sigma eps and an eps-prediction close to eps make x0's
+    estimate a small difference of large terms (1/alpha ~ 15 at t = 999)."""
+    gen = torch.Generator().manual_seed(14)
+    shape = (4, 4, 16, 17)
+    table = sd_alphas_cumprod(device)
+    t = torch.tensor([999, 990, 960, 500], device=device)
+    t_prev = t - 20
+    a = table[t].view(-1, 1, 1, 1).cpu()
+    x0, eps = randn(shape, torch.float64, "cpu", gen), randn(shape, torch.float64, "cpu", gen)
+    noisy = lambda v, n: (a.sqrt() * v + (1 - a).sqrt() * n)  # noqa: E731
+    x_t = noisy(x0, eps)
+    if prediction == "eps":
+        outs = [eps + 0.05 * randn(shape, torch.float64, "cpu", gen) for _ in range(4)]
+    else:
+        outs = [a.sqrt() * eps - (1 - a).sqrt() * x0 + 0.05 * randn(shape, torch.float64, "cpu", gen)
+                for _ in range(4)]
+    x_t, cond, uncond, student, target = (v.to(device, dtype) for v in [x_t] + outs)
+    x_prev = ref.lcd_teacher_step_reference(x_t, cond, uncond, t, t_prev, 8.0, table, prediction)
+    check_elementwise(torch.ops.fewstep.lcd_teacher_step(x_t, cond, uncond, t, t_prev, 8.0, None, table, prediction),
+                      x_prev, ref.lcd_teacher_step_reference(x_t, cond, uncond, t, t_prev, 8.0, table, prediction,
+                                                             SAME_OP), dtype, "teacher step")
+    x_prev = x_prev.to(dtype)
+    scalars = (prediction, "huber", 0.001, 0.5, 10.0)
+
+    def fn(s, dtype=torch.float64):
+        return ref.lcd_reference(s, x_t, t, target, x_prev, t_prev, table, *scalars, dtype=dtype)
+
+    loss = torch.ops.fewstep.lcd_loss(student, x_t, t, target, x_prev, t_prev, table, *scalars)
+    check_loss(loss, fn(student), fn(student, SAME_OP), dtype, "loss")
+    one = torch.tensor(1.0, device=device)
+    grad = torch.ops.fewstep.lcd_loss_backward(one, student, x_t, t, target, x_prev, t_prev, table, *scalars)
+    check_elementwise(grad, grads(fn, (student,), torch.float64)[0],
+                      grads(lambda s: fn(s, SAME_OP), (student,), SAME_OP)[0], dtype, "grad")
