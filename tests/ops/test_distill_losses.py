@@ -341,6 +341,8 @@ def test_opcheck(device):
     cases = [
         (ops.pseudo_huber_loss, (req(p), req(q), 0.01)),
         (ops.pseudo_huber_loss_backward, (one, p, q, 0.01)),
+        (ops.pseudo_huber_loss_backward, (req(one), req(p), q, 0.01)),
+        (ops.lcd_loss_backward, (req(one), req(p), req(x_t)) + lcd_args),
         (ops.denoising_loss, (req(p), req(q), req(w))),
         (ops.denoising_loss, (req(p), q, None)),
         (ops.denoising_loss_backward, (one, p, q, w)),
@@ -534,3 +536,37 @@ def test_lcd_on_noised_data_near_t_max(device, dtype, prediction):
     grad = torch.ops.fewstep.lcd_loss_backward(one, student, x_t, t, target, x_prev, t_prev, table, *scalars)
     check_elementwise(grad, grads(fn, (student,), torch.float64)[0],
                       grads(lambda s: fn(s, SAME_OP), (student,), SAME_OP)[0], dtype, "grad")
+
+
+def test_backward_ops_gradcheck_float64():
+    """The backward ops are differentiable in every float input (double backward)."""
+    gen = torch.Generator().manual_seed(15)
+    shape = (2, 3, 4, 5)
+    p, q = randn(shape, torch.float64, "cpu", gen), randn(shape, torch.float64, "cpu", gen)
+    w = torch.rand(2, generator=gen, dtype=torch.float64) + 0.5
+    x_t, _, _, x_prev, t, t_prev = lcd_inputs(shape, torch.float64, "cpu", gen)
+    table = sd_alphas_cumprod()
+    g = torch.tensor(0.8, dtype=torch.float64)
+    leaf = lambda *ts: [v.clone().requires_grad_(True) for v in ts]  # noqa: E731
+    ops = torch.ops.fewstep
+    assert torch.autograd.gradcheck(lambda a, b, c: ops.pseudo_huber_loss_backward(a, b, c, 0.3), leaf(g, p, q))
+    assert torch.autograd.gradcheck(lambda a, b, c, d: ops.denoising_loss_backward(a, b, c, d), leaf(g, p, q, w))
+    for prediction, loss in LOSS_CASES:
+        assert torch.autograd.gradcheck(
+            lambda a, s, x, o, xp: ops.lcd_loss_backward(a, s, x, t, o, xp, t_prev, table, prediction, loss, 0.3, 0.5,
+                                                         10.0), leaf(g, p, x_t, q, x_prev))
+    for sign in (1.0, -1.0):
+        assert torch.autograd.gradcheck(lambda a, x: ops.softplus_mean_backward(a, x, sign), leaf(g, p))
+
+
+def test_double_backward_gradient_penalty():
+    """A gradient penalty on the discriminator (R1 style) goes through the backward op."""
+    gen = torch.Generator().manual_seed(16)
+    real = randn((4, 3), torch.float64, "cpu", gen).requires_grad_(True)
+    fake = randn((4, 3), torch.float64, "cpu", gen)
+    (g,) = torch.autograd.grad(fewstep.losses.gan_discriminator(real, fake), real, create_graph=True)
+    g.square().sum().backward()
+    r2 = real.detach().clone().requires_grad_(True)
+    (g2,) = torch.autograd.grad(ref.gan_discriminator_reference(r2, fake), r2, create_graph=True)
+    g2.square().sum().backward()
+    torch.testing.assert_close(real.grad, r2.grad, rtol=1e-12, atol=0)
