@@ -49,7 +49,8 @@ struct Vector {
   FEWSTEP_HOST_DEVICE double at_or_nan(int64_t i) const { return i >= 0 && i < size ? at(i) : nan(""); }
 };
 
-// x0 = ax x + bx out and eps = ae x + be out from a raw model output at x (alpha_cumprod a).
+// x0 = ax x + bx out and eps = ae x + be out from a raw model output at x (alpha_cumprod a): the
+// teacher step's coefficients (folded into k_x, k_o in fp64, better conditioned than step by step).
 struct Conversion {
   double ax, bx, ae, be;
 };
@@ -72,9 +73,9 @@ struct LcdSchedule {
   double timestep_scaling;
 };
 
-// The consistency function c_skip(t) x + c_out(t) x0 of a raw output `out` at x, in the form
-// skip x + scale (p x + q out) with x0 = r (p x + q out): eps x0 = (x - sigma out) / alpha,
-// v x0 = alpha x - sigma out, x0 x0 = out. The small difference x - sigma out of noised data and an
+// The consistency function c_skip(t) x + c_out(t) x0 of a raw output `out` at x, as
+// skip x + scale (p x + q out) with skip = c_skip, scale = c_out r and x0 = r (p x + q out):
+// eps: x0 = (x - sigma out) / alpha, v: x0 = alpha x - sigma out, x0: x0 = out. The small difference x - sigma out of noised data and an
 // eps-prediction is formed first, as PyTorch's step-by-step chain does (no 1/alpha-sized terms).
 struct ConsistencyForm {
   double skip, scale, p, q;
