@@ -199,14 +199,15 @@ if _C is not None:
         return ref.lcd_reference(student_out, x_t, t, target_out, x_prev, t_prev, table, prediction, loss, huber_c,
                                  sigma_data, timestep_scaling, student_out.dtype, stop_gradient=False)
 
-    for _name, _loss in {
+    _DIFFERENTIATED_LOSSES = {
         "pseudo_huber_loss_backward": lambda pred, target, c: ref.pseudo_huber_reference(pred, target, c, pred.dtype),
         "denoising_loss_backward": lambda pred, target, weight: ref.denoising_reference(pred, target, weight,
                                                                                        pred.dtype)[0],
         "lcd_loss_backward": _lcd_unstopped,
         "softplus_mean_backward": lambda logits, sign: ref.softplus(sign * logits).mean(),
-    }.items():
-        torch.library.register_autograd(f"fewstep::{_name}", _backward_of_backward(_loss),
+    }
+    for op_name, loss_fn in _DIFFERENTIATED_LOSSES.items():
+        torch.library.register_autograd(f"fewstep::{op_name}", _backward_of_backward(loss_fn),
                                         setup_context=_backward_op_setup)
 
 
