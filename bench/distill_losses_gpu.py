@@ -100,19 +100,19 @@ def run(rec):
             gen = torch.Generator(device="cuda").manual_seed(0)
             pred = torch.randn(shape, device="cuda", dtype=dtype, generator=gen, requires_grad=True)
             others = [torch.randn(shape, device="cuda", dtype=dtype, generator=gen) for _ in range(4)]
+            fake_logits = torch.randn(shape, device="cuda", dtype=dtype, generator=gen, requires_grad=True)
             t = torch.randint(20, 1000, (batch,), device="cuda", generator=gen)
             w = torch.rand(batch, device="cuda", generator=gen) * 10 + 5
             args = {
                 "lcd": (pred, others[0], t, others[1], others[2], others[3], t - 20, w, table),
                 "pseudo_huber": (pred, others[0]),
                 "denoising": (pred, others[0], w),
-                "gan_discriminator": (pred, others[0].requires_grad_(True)),
+                "gan_discriminator": (pred, fake_logits),  # a patch discriminator's logits map
             }
             for name, (eager, fused) in heads.items():
                 a = args[name]
                 leaves = [x for x in a if isinstance(x, torch.Tensor) and x.requires_grad]
                 for provider, fn in (("eager", eager), ("torch.compile", compiled[name]), ("fewstep", fused)):
                     _time(rec, "distill_losses", f"{name} {case}", dtype, provider, lambda: fn(*a), leaves)
-            others[0].requires_grad_(False)
-            del pred, others
+            del pred, others, fake_logits
             torch.cuda.empty_cache()

@@ -57,19 +57,18 @@ void for_each_chunk(int64_t rows, int64_t chunks, int64_t row_size, F&& f) {
   });
 }
 
-// The elementwise difference e = u - v of the two affine forms, in the compute type.
+// The elementwise difference e = u - v (distill_losses.h), in the compute type.
 template <typename T>
 struct Difference {
   using C = typename Compute<T>::type;
   const RegressionParams& p;
-  C a, b, c, d;
+  ConsistencyFormIn<C> u, v;
 
-  Difference(const RegressionParams& params, const SampleCoefficients& k)
-      : p(params), a(static_cast<C>(k.a)), b(static_cast<C>(k.b)), c(static_cast<C>(k.c)), d(static_cast<C>(k.d)) {}
+  Difference(const RegressionParams& params, const SampleCoefficients& k) : p(params), u(k.a), v(k.c) {}
 
   C operator()(int64_t i) const {
     if (!p.lcd) return load<T>(p.a, i) - load<T>(p.c, i);
-    return (a * load<T>(p.a, i) + b * load<T>(p.b, i)) - (c * load<T>(p.c, i) + d * load<T>(p.d, i));
+    return u(load<T>(p.a, i), load<T>(p.b, i)) - v(load<T>(p.c, i), load<T>(p.d, i));
   }
 };
 

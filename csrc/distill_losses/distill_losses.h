@@ -2,11 +2,11 @@
 // math shared by the CPU and CUDA kernels.
 //
 // Regression losses (pseudo-Huber, denoising, LCD) compare two per-sample affine forms elementwise:
-//   u = a_b A + b_b B,  v = c_b C + d_b D,  e = u - v
+//   u = f_b(A, B),  v = g_b(C, D),  e = u - v
 //   loss = (1/batch) sum_b w_b mean_i phi(e),  phi(e) = sqrt(e^2 + c^2) - c  or  e^2
 //   dloss/dX = grad_loss w_b / (batch per_sample) phi'(e) g_b   (X: pred or student_out, g_b its coefficient)
-// pseudo_huber and denoising: A = pred, C = target, a = c = 1, no B, D. LCD: A = x_t, B = student_out,
-// C = x_prev, D = target_out, with c_skip + c_out x0 folded into (a, b) at t and (c, d) at t_prev.
+// pseudo_huber and denoising: u = A = pred, v = C = target. LCD: A = x_t, B = student_out,
+// C = x_prev, D = target_out, and f, g the consistency function c_skip x + c_out x0 at t and t_prev.
 // LCD's teacher step is one more affine form: x_prev = k_x x_t + k_o ((1 + w) cond - w uncond).
 // GAN losses: mean softplus(-real) + mean softplus(s fake), s = +1 (discriminator) or -1 (generator).
 //
@@ -49,7 +49,8 @@ struct Vector {
   FEWSTEP_HOST_DEVICE double at_or_nan(int64_t i) const { return i >= 0 && i < size ? at(i) : nan(""); }
 };
 
-// x0 = ax x + bx out and eps = ae x + be out from a raw model output at x (alpha_cumprod a).
+// x0 = ax x + bx out and eps = ae x + be out from a raw model output at x (alpha_cumprod a): the
+// teacher step's coefficients (folded into k_x, k_o in fp64, better conditioned than step by step).
 struct Conversion {
   double ax, bx, ae, be;
 };
@@ -72,14 +73,24 @@ struct LcdSchedule {
   double timestep_scaling;
 };
 
-// (x, out) -> c_skip(t) x + c_out(t) x0(out): the consistency function's coefficients.
-FEWSTEP_HOST_DEVICE inline void consistency_coefficients(const LcdSchedule& s, int64_t t, double* on_x,
-                                                         double* on_out) {
-  const Conversion k = conversion(s.prediction, s.alphas_cumprod.at_or_nan(t));
+// The consistency function c_skip(t) x + c_out(t) x0 of a raw output `out` at x, as
+// skip x + scale (p x + q out) with skip = c_skip, scale = c_out r and x0 = r (p x + q out):
+// eps: x0 = (x - sigma out) / alpha, v: x0 = alpha x - sigma out, x0: x0 = out. The small difference x - sigma out of noised data and an
+// eps-prediction is formed first, as PyTorch's step-by-step chain does (no 1/alpha-sized terms).
+struct ConsistencyForm {
+  double skip, scale, p, q;
+};
+
+FEWSTEP_HOST_DEVICE inline ConsistencyForm consistency_form(const LcdSchedule& s, int64_t t) {
+  const double a = s.alphas_cumprod.at_or_nan(t);
+  const double alpha = sqrt(a), sigma = sqrt(1.0 - a);
   const double st = s.timestep_scaling * static_cast<double>(t), sd2 = s.sigma_data * s.sigma_data;
   const double c_skip = sd2 / (st * st + sd2), c_out = st / sqrt(st * st + sd2);
-  *on_x = c_skip + c_out * k.ax;
-  *on_out = c_out * k.bx;
+  switch (s.prediction) {
+    case Prediction::kX0: return {c_skip, c_out, 0.0, 1.0};
+    case Prediction::kV: return {c_skip, c_out, alpha, -sigma};
+    default: return {c_skip, c_out / alpha, 1.0, -sigma};
+  }
 }
 
 struct RegressionParams {
@@ -103,17 +114,29 @@ struct RegressionParams {
   void* grad;             // backward: dloss/d(pred or student_out), dtype of the inputs
 };
 
+// A ConsistencyForm in the compute type C of the kernels.
+template <typename C>
+struct ConsistencyFormIn {
+  C skip, scale, p, q;
+
+  FEWSTEP_HOST_DEVICE explicit ConsistencyFormIn(const ConsistencyForm& f)
+      : skip(static_cast<C>(f.skip)), scale(static_cast<C>(f.scale)), p(static_cast<C>(f.p)), q(static_cast<C>(f.q)) {}
+
+  FEWSTEP_HOST_DEVICE C operator()(C x, C out) const { return skip * x + scale * (p * x + q * out); }
+};
+
+// u = a.skip A + a.scale (a.p A + a.q B), v likewise from (C, D); pseudo_huber and denoising: u = A, v = C.
 struct SampleCoefficients {
-  double a, b, c, d;
+  ConsistencyForm a, c;
   double grad;  // du/dX of the differentiated input
 };
 
 FEWSTEP_HOST_DEVICE inline SampleCoefficients sample_coefficients(const RegressionParams& p, int64_t b) {
-  if (!p.lcd) return {1.0, 0.0, 1.0, 0.0, 1.0};
+  if (!p.lcd) return {{1.0, 0.0, 0.0, 0.0}, {1.0, 0.0, 0.0, 0.0}, 1.0};
   SampleCoefficients k;
-  consistency_coefficients(p.schedule, p.schedule.t[b], &k.a, &k.b);
-  consistency_coefficients(p.schedule, p.schedule.t_prev[b], &k.c, &k.d);
-  k.grad = k.b;
+  k.a = consistency_form(p.schedule, p.schedule.t[b]);
+  k.c = consistency_form(p.schedule, p.schedule.t_prev[b]);
+  k.grad = k.a.scale * k.a.q;
   return k;
 }
 

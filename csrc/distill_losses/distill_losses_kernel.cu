@@ -23,25 +23,24 @@ __device__ __forceinline__ typename Compute<T>::type load(const void* data, int6
   return to_compute(static_cast<const T*>(data)[i]);
 }
 
-// e = u - v of the two affine forms (distill_losses.h); a = c = 1 and no B, D unless kLcd.
+// e = u - v (distill_losses.h): A - C unless kLcd.
 template <typename T, bool kLcd>
 struct Difference {
   using C = typename Compute<T>::type;
-  C a, b, c, d;
+  ConsistencyFormIn<C> u, v;
 
-  __device__ explicit Difference(const SampleCoefficients& k)
-      : a(static_cast<C>(k.a)), b(static_cast<C>(k.b)), c(static_cast<C>(k.c)), d(static_cast<C>(k.d)) {}
+  __device__ explicit Difference(const SampleCoefficients& k) : u(k.a), v(k.c) {}
 
   __device__ __forceinline__ C operator()(const RegressionParams& p, int64_t i) const {
     if (!kLcd) return load<T>(p.a, i) - load<T>(p.c, i);
-    return (a * load<T>(p.a, i) + b * load<T>(p.b, i)) - (c * load<T>(p.c, i) + d * load<T>(p.d, i));
+    return u(load<T>(p.a, i), load<T>(p.b, i)) - v(load<T>(p.c, i), load<T>(p.d, i));
   }
 };
 
 // Only the LCD instantiations compile the schedule lookups.
 template <bool kLcd>
 __device__ __forceinline__ SampleCoefficients coefficients(const RegressionParams& p, int64_t b) {
-  return kLcd ? sample_coefficients(p, b) : SampleCoefficients{1.0, 0.0, 1.0, 0.0, 1.0};
+  return kLcd ? sample_coefficients(p, b) : SampleCoefficients{{1.0, 0.0, 0.0, 0.0}, {1.0, 0.0, 0.0, 0.0}, 1.0};
 }
 
 // The [begin, end) element range of chunk blockIdx.x of sample blockIdx.y.

@@ -341,6 +341,8 @@ def test_opcheck(device):
     cases = [
         (ops.pseudo_huber_loss, (req(p), req(q), 0.01)),
         (ops.pseudo_huber_loss_backward, (one, p, q, 0.01)),
+        (ops.pseudo_huber_loss_backward, (req(one), req(p), q, 0.01)),
+        (ops.lcd_loss_backward, (req(one), req(p), req(x_t)) + lcd_args),
         (ops.denoising_loss, (req(p), req(q), req(w))),
         (ops.denoising_loss, (req(p), q, None)),
         (ops.denoising_loss_backward, (one, p, q, w)),
@@ -495,3 +497,76 @@ def test_fake_checks_match_the_kernel_checks():
             torch.ops.fewstep.pseudo_huber_loss(p, q[:1], 0.1)
     with pytest.raises(ValueError, match=re.escape("c: expected a positive number")):
         checks.check_pseudo_huber(_P, _Q, 0)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_lcd_on_noised_data_near_t_max(device, dtype, prediction):
+    """Real inputs cancel: x_t = alpha x0 + sigma eps and an eps-prediction close to eps make x0's
+    estimate a small difference of large terms (1/alpha ~ 15 at t = 999)."""
+    gen = torch.Generator().manual_seed(14)
+    shape = (4, 4, 16, 17)
+    table = sd_alphas_cumprod(device)
+    t = torch.tensor([999, 990, 960, 500], device=device)
+    t_prev = t - 20
+    a = table[t].view(-1, 1, 1, 1).cpu()
+    x0, eps = randn(shape, torch.float64, "cpu", gen), randn(shape, torch.float64, "cpu", gen)
+    noisy = lambda v, n: (a.sqrt() * v + (1 - a).sqrt() * n)  # noqa: E731
+    x_t = noisy(x0, eps)
+    if prediction == "eps":
+        outs = [eps + 0.05 * randn(shape, torch.float64, "cpu", gen) for _ in range(4)]
+    else:
+        outs = [a.sqrt() * eps - (1 - a).sqrt() * x0 + 0.05 * randn(shape, torch.float64, "cpu", gen)
+                for _ in range(4)]
+    x_t, cond, uncond, student, target = (v.to(device, dtype) for v in [x_t] + outs)
+    x_prev = ref.lcd_teacher_step_reference(x_t, cond, uncond, t, t_prev, 8.0, table, prediction)
+    check_elementwise(torch.ops.fewstep.lcd_teacher_step(x_t, cond, uncond, t, t_prev, 8.0, None, table, prediction),
+                      x_prev, ref.lcd_teacher_step_reference(x_t, cond, uncond, t, t_prev, 8.0, table, prediction,
+                                                             SAME_OP), dtype, "teacher step")
+    x_prev = x_prev.to(dtype)
+    scalars = (prediction, "huber", 0.001, 0.5, 10.0)
+
+    def fn(s, dtype=torch.float64):
+        return ref.lcd_reference(s, x_t, t, target, x_prev, t_prev, table, *scalars, dtype=dtype)
+
+    loss = torch.ops.fewstep.lcd_loss(student, x_t, t, target, x_prev, t_prev, table, *scalars)
+    check_loss(loss, fn(student), fn(student, SAME_OP), dtype, "loss")
+    one = torch.tensor(1.0, device=device)
+    grad = torch.ops.fewstep.lcd_loss_backward(one, student, x_t, t, target, x_prev, t_prev, table, *scalars)
+    check_elementwise(grad, grads(fn, (student,), torch.float64)[0],
+                      grads(lambda s: fn(s, SAME_OP), (student,), SAME_OP)[0], dtype, "grad")
+
+
+def test_backward_ops_gradcheck_float64():
+    """The backward ops are differentiable in every float input (double backward)."""
+    gen = torch.Generator().manual_seed(15)
+    shape = (2, 3, 4, 5)
+    p, q = randn(shape, torch.float64, "cpu", gen), randn(shape, torch.float64, "cpu", gen)
+    w = torch.rand(2, generator=gen, dtype=torch.float64) + 0.5
+    x_t, _, _, x_prev, t, t_prev = lcd_inputs(shape, torch.float64, "cpu", gen)
+    table = sd_alphas_cumprod()
+    g = torch.tensor(0.8, dtype=torch.float64)
+    leaf = lambda *ts: [v.clone().requires_grad_(True) for v in ts]  # noqa: E731
+    ops = torch.ops.fewstep
+    assert torch.autograd.gradcheck(lambda a, b, c: ops.pseudo_huber_loss_backward(a, b, c, 0.3), leaf(g, p, q))
+    assert torch.autograd.gradcheck(lambda a, b, c, d: ops.denoising_loss_backward(a, b, c, d), leaf(g, p, q, w))
+    for prediction, loss in LOSS_CASES:
+        assert torch.autograd.gradcheck(
+            lambda a, s, x, o, xp: ops.lcd_loss_backward(a, s, x, t, o, xp, t_prev, table, prediction, loss, 0.3, 0.5,
+                                                         10.0), leaf(g, p, x_t, q, x_prev))
+    for sign in (1.0, -1.0):
+        assert torch.autograd.gradcheck(lambda a, x: ops.softplus_mean_backward(a, x, sign), leaf(g, p))
+
+
+def test_double_backward_gradient_penalty():
+    """A gradient penalty on the discriminator (R1 style) goes through the backward op."""
+    gen = torch.Generator().manual_seed(16)
+    real = randn((4, 3), torch.float64, "cpu", gen).requires_grad_(True)
+    fake = randn((4, 3), torch.float64, "cpu", gen)
+    (g,) = torch.autograd.grad(fewstep.losses.gan_discriminator(real, fake), real, create_graph=True)
+    g.square().sum().backward()
+    r2 = real.detach().clone().requires_grad_(True)
+    (g2,) = torch.autograd.grad(ref.gan_discriminator_reference(r2, fake), r2, create_graph=True)
+    g2.square().sum().backward()
+    torch.testing.assert_close(real.grad, r2.grad, rtol=1e-12, atol=0)

@@ -166,6 +166,51 @@ if _C is not None:
                                     setup_context=_save_inputs)
 
 
+    # ---- the backward ops are differentiable too (double backward, gradient penalties): their
+    # derivatives differentiate the reference's gradient, unfused, as such uses are rare ----
+
+    def _backward_op_setup(ctx, inputs, output):
+        ctx.save_for_backward(*(t for t in inputs if isinstance(t, torch.Tensor)))
+        ctx.is_tensor = [isinstance(t, torch.Tensor) for t in inputs]
+        ctx.scalars = [None if isinstance(t, torch.Tensor) else t for t in inputs]
+
+    def _backward_of_backward(loss):
+        """For a backward op ``(grad_loss, x, *rest) -> grad_loss * dloss(x, *rest)/dx``."""
+        def backward(ctx, upstream):
+            saved = iter(ctx.saved_tensors)
+            args = [next(saved) if is_tensor else s for is_tensor, s in zip(ctx.is_tensor, ctx.scalars)]
+            compute = torch.float64 if args[1].dtype == torch.float64 else torch.float32
+            wanted = [i for i, a in enumerate(args)
+                      if ctx.needs_input_grad[i] and isinstance(a, torch.Tensor) and a.is_floating_point()]
+            out = [None] * len(args)
+            with torch.enable_grad():
+                leaves = [a.detach().to(compute).requires_grad_(i in wanted or i == 1)
+                          if isinstance(a, torch.Tensor) and a.is_floating_point() else a for i, a in enumerate(args)]
+                (grad,) = torch.autograd.grad(loss(*leaves[1:]), leaves[1], create_graph=True)
+                grads = torch.autograd.grad(leaves[0] * grad, [leaves[i] for i in wanted], upstream.to(compute),
+                                            allow_unused=True)
+            for i, g in zip(wanted, grads):
+                out[i] = torch.zeros_like(args[i]) if g is None else g.to(args[i].dtype)
+            return tuple(out)
+        return backward
+
+    def _lcd_unstopped(student_out, x_t, t, target_out, x_prev, t_prev, table, prediction, loss, huber_c, sigma_data,
+                       timestep_scaling):
+        return ref.lcd_reference(student_out, x_t, t, target_out, x_prev, t_prev, table, prediction, loss, huber_c,
+                                 sigma_data, timestep_scaling, student_out.dtype, stop_gradient=False)
+
+    _DIFFERENTIATED_LOSSES = {
+        "pseudo_huber_loss_backward": lambda pred, target, c: ref.pseudo_huber_reference(pred, target, c, pred.dtype),
+        "denoising_loss_backward": lambda pred, target, weight: ref.denoising_reference(pred, target, weight,
+                                                                                       pred.dtype)[0],
+        "lcd_loss_backward": _lcd_unstopped,
+        "softplus_mean_backward": lambda logits, sign: ref.softplus(sign * logits).mean(),
+    }
+    for op_name, loss_fn in _DIFFERENTIATED_LOSSES.items():
+        torch.library.register_autograd(f"fewstep::{op_name}", _backward_of_backward(loss_fn),
+                                        setup_context=_backward_op_setup)
+
+
 def _kernel(op: str, device: torch.device) -> bool:
     """Whether the compiled kernel runs ``op`` (else the reference)."""
     return _dispatch.select(op, device, has_triton=False) != "reference"

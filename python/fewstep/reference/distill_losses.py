@@ -106,13 +106,16 @@ def consistency_output(out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, al
 def lcd_reference(student_out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, target_out: torch.Tensor,
                   x_prev: torch.Tensor, t_prev: torch.Tensor, alphas_cumprod: torch.Tensor, prediction: str = "eps",
                   loss: str = "huber", huber_c: float = 0.001, sigma_data: float = 0.5,
-                  timestep_scaling: float = 10.0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """LCD's loss; differentiable in ``student_out`` only (``x_t``, the target and ``x_prev`` are constants)."""
+                  timestep_scaling: float = 10.0, dtype: torch.dtype = torch.float64,
+                  stop_gradient: bool = True) -> torch.Tensor:
+    """LCD's loss; differentiable in ``student_out`` only (``x_t``, the target and ``x_prev`` are
+    constants) unless ``stop_gradient`` is False (what the loss's gradient depends on: the backward's
+    own derivatives)."""
     if loss not in LCD_LOSSES:
         raise ValueError(f"loss: expected one of {list(LCD_LOSSES)}, got {loss!r}")
-    student = consistency_output(student_out, x_t.detach(), t, alphas_cumprod, prediction, sigma_data,
-                                 timestep_scaling, dtype)
-    with torch.no_grad():
+    student = consistency_output(student_out, x_t.detach() if stop_gradient else x_t, t, alphas_cumprod, prediction,
+                                 sigma_data, timestep_scaling, dtype)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not stop_gradient):
         target = consistency_output(target_out, x_prev, t_prev, alphas_cumprod, prediction, sigma_data,
                                     timestep_scaling, dtype)
     if loss == "huber":
