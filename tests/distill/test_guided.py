@@ -260,3 +260,31 @@ def test_progressive_round_beats_teacher_ddim(one_thread):
     student_4 = sliced_w2(method.sample(noise), data)
     assert student_4 < 0.8 * teacher_4, f"4 steps: student {student_4:.3f}, teacher {teacher_4:.3f} (8: {teacher_8:.3f})"
 
+
+
+def test_stages_run_in_the_trainer_under_ddp(tmp_path):
+    """Stage 1, then next_round on the trainer's DDP-wrapped student, then stage 2, in one process group."""
+    import torch.distributed as dist
+
+    from fewstep.train import Trainer
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        abar = fewstep.samplers.schedules.alphas_cumprod()
+        toy = GaussianMixtureDenoiser(abar, shape=(2,), num_modes=4, std=0.2)
+        method = GuidedDistillation(fewstep.Denoiser(toy, "eps", SCHEDULE), fewstep.Denoiser(MLP(), "eps", SCHEDULE),
+                                    w_min=0.0, w_max=0.0, num_steps=4)
+        trainer = Trainer(method, lambda index, gen: {"x0": toy.sample_data(8, generator=gen).float()}, max_steps=2,
+                          mixed_precision="no", progress=False, parallel="ddp", lr=1e-3)
+        trainer.train()
+        wrapped = method.student.model
+        assert type(wrapped).__name__ == "_DDP"
+        method.next_round()
+        assert type(method.progressive_teacher.model) is MLP
+        assert all(torch.equal(p, q) for p, q in zip(method.progressive_teacher.parameters(), wrapped.parameters()))
+        trainer.max_steps = 4
+        trainer.train()
+        assert trainer.step == 4 and method.num_steps == 2
+        assert not all(torch.equal(p, q) for p, q in zip(method.progressive_teacher.parameters(), wrapped.parameters()))
+    finally:
+        dist.destroy_process_group()

@@ -30,6 +30,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from fewstep import losses
 from fewstep.denoiser import Denoiser
@@ -88,7 +89,10 @@ class GuidedDistillation(DistillationMethod):
         """Halve the step count; the current student, frozen, becomes the teacher (stage 2)."""
         if self.num_steps < 2 or self.num_steps % 2:
             raise ValueError(f"num_steps: expected an even count to halve, got {self.num_steps}")
-        frozen = copy.deepcopy(self.student.model).requires_grad_(False)
+        student = self.student.model
+        if isinstance(student, DistributedDataParallel):  # the trainer's wrapper: copy the network, not the wrapper
+            student = student.module
+        frozen = copy.deepcopy(student).requires_grad_(False)
         self.progressive_teacher = Denoiser(frozen, self.student.prediction, self.student.schedule)
         self.teacher_grid = torch.tensor(spaced_timesteps(self.num_train_timesteps, self.num_steps) + [-1],
                                          device=self.alphas.device)
