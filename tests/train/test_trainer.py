@@ -299,7 +299,7 @@ def test_ema_copies_are_fp32_for_bf16_weights_and_fp64_for_fp64_weights():
                              (torch.float64, torch.float64)):
         module = nn.Linear(3, 4).to(dtype)
         ema = EMA("m", module, 0.5)
-        start = module.weight.detach().to(ema_dtype)
+        start = module.weight.detach().to(ema_dtype, copy=True)
         with torch.no_grad():
             module.weight.add_(1.0)
         ema.update()
