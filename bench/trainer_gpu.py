@@ -9,6 +9,8 @@ single pass the trainer folds the EMA into (skipped while that optimizer is not 
 """
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -95,6 +97,12 @@ def _step_overhead(rec):
     trainer = Trainer(method, data, max_steps=10**9, device="cuda", progress=False, clip_grad_norm=1.0,
                       ema={"student": (method.student, DECAY)})
     rec.add("trainer_step", case, "Trainer.train_step", torch.bfloat16, host_median_ms(trainer.train_step))
+    if importlib.util.find_spec("fewstep.optim") is not None:
+        method = _Regress(dim, hidden)
+        trainer = Trainer(method, data, max_steps=10**9, device="cuda", progress=False, clip_grad_norm=1.0,
+                          ema={"student": (method.student, DECAY)}, optimizers="fused_adamw")
+        rec.add("trainer_step", case, "Trainer.train_step, FusedAdamW (EMA folded)", torch.bfloat16,
+                host_median_ms(trainer.train_step))
 
     plain = _Regress(dim, hidden).cuda()
     opts = {ph: torch.optim.AdamW(plain.parameters_of(ph), lr=1e-4) for ph in plain.phases}

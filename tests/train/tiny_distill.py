@@ -78,7 +78,7 @@ def make_data(batch: int, kill_at: int | None = None, ranks_in_one: int = 1):
     """Callable data: x0, noise and t from the trainer's generator. ``ranks_in_one`` > 1 makes one
     process's batch the concatenation of what ranks 0.. would draw (the DDP equivalence test);
     ``kill_at`` SIGKILLs the process when that batch is asked for (a crash after a checkpoint)."""
-    own = [torch.Generator().manual_seed(fewstep.train.data_seed(SEED, r)) for r in range(ranks_in_one)]
+    own = []  # made on the first call, on the trainer's device: CPU and CUDA generators draw differently
 
     def draw(gen):
         return {"x0": torch.randn(batch, DIM, generator=gen, device=gen.device) * 0.7 + 0.3,
@@ -90,6 +90,9 @@ def make_data(batch: int, kill_at: int | None = None, ranks_in_one: int = 1):
             os.kill(os.getpid(), signal.SIGKILL)
         if ranks_in_one == 1:
             return draw(generator)
+        if not own:
+            own.extend(torch.Generator(generator.device).manual_seed(fewstep.train.data_seed(SEED, r))
+                       for r in range(ranks_in_one))
         parts = [draw(g) for g in own]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     return data
