@@ -127,10 +127,10 @@ class Trainer:
         if parallel != "none" and not (dd.launched_by_torchrun() or dd.dist.is_initialized()):
             raise RuntimeError(f"parallel: {parallel!r} needs a process group: launch with torchrun "
                                f"(RANK and WORLD_SIZE unset), or use parallel='none'")
-        if device is None:
-            device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available()
-                      else torch.device("cpu"))
-        self.device = torch.device(device)
+        device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+        if device.type == "cuda" and device.index is None:  # this process's GPU: torchrun's LOCAL_RANK
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+        self.device = device
         if parallel != "none":
             dd.init_from_env(self.device)
         self.parallel, self.rank, self.world_size = parallel, dd.rank(), dd.world_size()
