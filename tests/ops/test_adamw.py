@@ -263,8 +263,10 @@ def test_opcheck_and_compile(with_ema):
     eager, compiled_args = args(), args()
     torch.ops.fewstep.adamw_step_(*eager, *scalars)
     torch._dynamo.reset()
-    compiled = torch.compile(lambda *a: torch.ops.fewstep.adamw_step_(*a, *scalars), fullgraph=True,
-                             backend="aot_eager")
+    step, lr, beta1, beta2, eps, weight_decay, ema_decay = scalars
+    compiled = torch.compile(lambda *a: fewstep.ops.adamw_step_(*a, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                                                weight_decay=weight_decay, ema_decay=ema_decay),
+                             fullgraph=True, backend="aot_eager")
     compiled(*compiled_args)
     for a, b in zip(eager, compiled_args):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
