@@ -345,11 +345,12 @@ def test_optimizer_bad_input():
         with pytest.raises(error, match=re.escape(message)):
             make()
     q = torch.randn(4, 6, requires_grad=True)
-    opt = FusedAdamW([p, q])
-    q.grad = None
-    p.grad = torch.randn(7, 33).to_sparse()
-    with pytest.raises(TypeError, match=re.escape("param_groups[0]['params'][0].grad: expected a dense gradient, "
+    opt = FusedAdamW([{"params": [q]}, {"params": [p]}])
+    q.grad, p.grad = torch.randn(4, 6), torch.randn(7, 33).to_sparse()
+    q_before = q.detach().clone()
+    with pytest.raises(TypeError, match=re.escape("param_groups[1]['params'][0].grad: expected a dense gradient, "
                                                   "got layout torch.sparse_coo")):
         opt.step()
+    assert torch.equal(q, q_before) and "step" not in opt.state[q]  # nothing was updated
     with pytest.raises(TypeError, match=re.escape("param_groups[0]['params'][0]: expected dtype in")):
         FusedAdamW([torch.zeros(3, dtype=torch.int64)])

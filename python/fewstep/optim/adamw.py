@@ -93,7 +93,6 @@ class FusedAdamW(torch.optim.Optimizer):
                 raise ValueError(f"{name}: expected a contiguous parameter, got strides {p.stride()} for shape "
                                  f"{list(p.shape)}")
 
-    @torch.no_grad()
     def _ema_of(self, p: torch.Tensor) -> torch.Tensor:
         """p's EMA, started as a copy of p when its group gets an ema_decay."""
         state = self.state[p]
@@ -108,7 +107,8 @@ class FusedAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One AdamW step of every parameter that has a gradient, and the EMA update if enabled."""
+        """One AdamW step of every parameter that has a gradient, and the EMA update if enabled.
+        Every gradient is checked before anything is updated."""
         if self._ema_swapped_out is not None:
             raise RuntimeError("step: the parameters hold their EMA (swap_ema() was called); call swap_ema() "
                                "again to put the trained weights back first")
@@ -116,43 +116,51 @@ class FusedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for index, group in enumerate(self.param_groups):
-            ema_decay = group["ema_decay"]
-            # Parameters of one launch share a device and a step count (normally the whole group).
-            launches: dict[tuple[torch.device, int], tuple[list, list, list, list, list]] = {}
-            without_grad: dict[torch.device, tuple[list, list]] = {}
-            for k, p in enumerate(group["params"]):
-                state = self.state[p]
-                if p.grad is None:
-                    if ema_decay is not None:
-                        emas, ps = without_grad.setdefault(p.device, ([], []))
-                        emas.append(self._ema_of(p))
-                        ps.append(p)
-                    continue
-                grad = p.grad
-                if grad.layout != torch.strided:
-                    raise TypeError(f"param_groups[{index}]['params'][{k}].grad: expected a dense gradient, got "
-                                    f"layout {grad.layout} (FusedAdamW does not support sparse gradients)")
-                if "step" not in state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, dtype=_state_dtype(p))
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=_state_dtype(p))
-                state["step"] += 1
-                lists = launches.setdefault((p.device, state["step"]), ([], [], [], [], []))
-                lists[0].append(p)
-                lists[1].append(grad.contiguous())  # a no-op for the gradients autograd writes
-                lists[2].append(state["exp_avg"])
-                lists[3].append(state["exp_avg_sq"])
-                if ema_decay is not None:
-                    lists[4].append(self._ema_of(p))
+        work = [(group, *self._collect(index, group)) for index, group in enumerate(self.param_groups)]
+        for group, launches, without_grad in work:
             beta1, beta2 = group["betas"]
-            for (_, step), (ps, grads, exp_avgs, exp_avg_sqs, emas) in launches.items():
+            ema_decay = group["ema_decay"]
+            for (_, step), (ps, grads, exp_avgs, exp_avg_sqs, emas, states) in launches.items():
+                for state in states:
+                    state["step"] = step
                 adamw_step_(ps, grads, exp_avgs, exp_avg_sqs, emas, step=step, lr=group["lr"], beta1=beta1,
                             beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                             ema_decay=0.0 if ema_decay is None else ema_decay)
             for emas, ps in without_grad.values():
                 ema_update_(emas, ps, ema_decay)
         return loss
+
+    def _collect(self, index: int, group: dict) -> tuple[dict, dict]:
+        """The group's launches, keyed by (device, step count after this step): lists of
+        parameters, gradients, moments, EMAs and states; and, per device, the EMAs and parameters
+        of the parameters without a gradient."""
+        ema_decay = group["ema_decay"]
+        launches: dict[tuple[torch.device, int], tuple[list, list, list, list, list, list]] = {}
+        without_grad: dict[torch.device, tuple[list, list]] = {}
+        for k, p in enumerate(group["params"]):
+            state = self.state[p]
+            grad = p.grad
+            if grad is None:
+                if ema_decay is not None:
+                    emas, ps = without_grad.setdefault(p.device, ([], []))
+                    emas.append(state["ema"] if "ema" in state else self._ema_of(p))
+                    ps.append(p)
+                continue
+            if grad.layout != torch.strided:
+                raise TypeError(f"param_groups[{index}]['params'][{k}].grad: expected a dense gradient, got "
+                                f"layout {grad.layout} (FusedAdamW does not support sparse gradients)")
+            if "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros_like(p, dtype=_state_dtype(p))
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=_state_dtype(p))
+            lists = launches.setdefault((p.device, state.get("step", 0) + 1), ([], [], [], [], [], []))
+            lists[0].append(p)
+            lists[1].append(grad.contiguous())  # a no-op for the gradients autograd writes
+            lists[2].append(state["exp_avg"])
+            lists[3].append(state["exp_avg_sq"])
+            if ema_decay is not None:
+                lists[4].append(state["ema"] if "ema" in state else self._ema_of(p))
+            lists[5].append(state)
+        return launches, without_grad
 
     def _ema_pairs(self, caller: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
         pairs = [(p, self._ema_of(p)) for group in self.param_groups if group["ema_decay"] is not None
