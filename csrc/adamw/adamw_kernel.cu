@@ -14,7 +14,7 @@ namespace adamw {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kBlockElems = kThreads * 16;  // several tiles per block amortize the tensor lookup
+constexpr int64_t kBlockElems = kThreads * 32;  // several tiles per block amortize the tensor lookup
 
 // Tiles of kThreads * kUnroll elements of one parameter (element type P, moments and EMA in C):
 // every load of a tile is issued before its stores. fp64 keeps half as many elements in flight

@@ -11,8 +11,8 @@ from fewstep.optim import FusedAdamW
 
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device: GPU test skipped")
 
-# > 512 tensors (two launches), sizes around the kernel's block of 4096 elements and 1-element tensors.
-SHAPES = [(1,), (4095,), (4096,), (4097,), (70001,), (5, 4099), (3, 5, 71), (1 << 20,)] + \
+# > 512 tensors (two launches), sizes around the kernel's block of 8192 elements and 1-element tensors.
+SHAPES = [(1,), (8191,), (8192,), (8193,), (70001,), (5, 4099), (3, 5, 71), (1 << 20,)] + \
     [(int(n),) for n in torch.randint(1, 300, (600,), generator=torch.Generator().manual_seed(0))]
 
 

@@ -13,7 +13,7 @@ import fewstep
 from fewstep.optim import FusedAdamW
 
 # More tensors than one launch's table (512), odd sizes, and tensors that cross the CPU kernel's
-# block of 2^14 elements and the CUDA kernel's of 4096.
+# block of 2^14 elements and the CUDA kernel's of 8192.
 MANY_SHAPES = [(1,), (7, 33), (3, 5, 71), (2049,), (4, 1, 3, 3), (16385,), (5, 4099)] + \
     [(int(n),) for n in torch.randint(1, 40, (520,), generator=torch.Generator().manual_seed(0))]
 GROUPS = [dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.05),
