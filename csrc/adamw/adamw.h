@@ -21,7 +21,7 @@ namespace fewstep {
 namespace adamw {
 
 // One launch covers at most this many parameters: 5 pointers, a size, a block offset and a
-// dtype per parameter keep the table (29 KiB) in kernel parameter space.
+// dtype per parameter keep the table (28.5 KiB) in kernel parameter space.
 constexpr int kMaxTensorsPerLaunch = 512;
 
 struct TensorTable {
@@ -45,6 +45,8 @@ struct Params {
   double eps;
   double ema_weight;       // 1 - ema_decay
 };
+
+static_assert(sizeof(TensorTable) + sizeof(Params) <= kMaxKernelParamBytes, "one launch's arguments");
 
 // Params in a kernel's compute type C (float or double).
 template <typename C>

@@ -27,5 +27,7 @@ struct Params {
   double weight;  // 1 - decay
 };
 
+static_assert(sizeof(TensorTable) + sizeof(Params) <= kMaxKernelParamBytes, "one launch's arguments");
+
 }  // namespace ema
 }  // namespace fewstep

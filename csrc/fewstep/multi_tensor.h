@@ -5,6 +5,7 @@
 // over the blocks' prefix sums.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -16,6 +17,9 @@
 #endif
 
 namespace fewstep {
+
+// What a kernel's parameters may occupy since CUDA 12.1 (on Volta and newer).
+constexpr size_t kMaxKernelParamBytes = 32764;
 
 template <int kMax>
 struct BlockIndex {
