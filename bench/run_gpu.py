@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import adamw_gpu  # noqa: E402
 import common  # noqa: E402
 import distill_losses_gpu  # noqa: E402
 import distill_methods_gpu  # noqa: E402
@@ -30,7 +31,8 @@ SUITES = {"sampler_step": lambda rec, c: sampler_step_gpu.run(rec, c["copy_GBps"
           "trainer": lambda rec, c: trainer_gpu.run(rec, c["copy_GBps"]),
           "distill_methods": lambda rec, c: distill_methods_gpu.run(rec),
           "distill_losses": lambda rec, c: distill_losses_gpu.run(rec),
-          "lcd_guided": lambda rec, c: lcd_guided_gpu.run(rec)}
+          "lcd_guided": lambda rec, c: lcd_guided_gpu.run(rec),
+          "adamw": lambda rec, c: adamw_gpu.run(rec, c["copy_GBps"])}
 
 
 def main():
@@ -65,7 +67,9 @@ def main():
                     "lcd_guided: CUDA-event medians of one LCD / LCM-LoRA / guided-distillation training step (loss, backward, "
                     "EMA) against the same model passes written by hand. "
                     "distill_losses times are forward + backward of each loss head (LCD: the "
-                    "teacher step under no_grad, then the consistency loss).")
+                    "teacher step under no_grad, then the consistency loss). "
+                    "adamw pct_of_floor: the one-pass traffic floor (36 B per fp32 "
+                    "parameter for AdamW + EMA, 28 B for AdamW alone) at the copy bandwidth over the median time.")
     print("wrote", stem + ".json")
 
 

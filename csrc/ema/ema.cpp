@@ -1,16 +1,15 @@
 // Multi-tensor EMA update: op schema, argument checks and the CPU kernel.
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cmath>
 #include <string>
 
 #include "ema/ema_torch.h"
 #include "fewstep/checks.h"
+#include "fewstep/multi_tensor_cpu.h"
 
 namespace fewstep {
 namespace ema {
@@ -44,20 +43,13 @@ void ema_update_cpu(at::TensorList ema, at::TensorList params, double decay) {
   const double w = 1.0 - decay;
   for (const auto& table : tables) {
     const TensorTable& t = *table;
-    at::parallel_for(0, t.block_begin[t.num_tensors], 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int i = static_cast<int>(std::upper_bound(t.block_begin, t.block_begin + t.num_tensors, b) -
-                                       t.block_begin) - 1;
-        const int64_t begin = (b - t.block_begin[i]) * kCpuBlock;
-        const int64_t end = std::min(t.numel[i], begin + kCpuBlock);
-        switch (t.ema_dtype[i]) {
-          case DType::kFloat64: update_range<double, double, double>(t.ema[i], t.param[i], begin, end, w); break;
-          case DType::kFloat16: update_range_for<c10::Half>(t.param_dtype[i], t.ema[i], t.param[i], begin, end, w); break;
-          case DType::kBFloat16:
-            update_range_for<c10::BFloat16>(t.param_dtype[i], t.ema[i], t.param[i], begin, end, w);
-            break;
-          default: update_range_for<float>(t.param_dtype[i], t.ema[i], t.param[i], begin, end, w);
-        }
+    parallel_for_each_block(t.index, kCpuBlock, [&](int i, int64_t begin, int64_t end) {
+      switch (t.ema_dtype[i]) {
+        case DType::kFloat64: return update_range<double, double, double>(t.ema[i], t.param[i], begin, end, w);
+        case DType::kFloat16: return update_range_for<c10::Half>(t.param_dtype[i], t.ema[i], t.param[i], begin, end, w);
+        case DType::kBFloat16:
+          return update_range_for<c10::BFloat16>(t.param_dtype[i], t.ema[i], t.param[i], begin, end, w);
+        default: return update_range_for<float>(t.param_dtype[i], t.ema[i], t.param[i], begin, end, w);
       }
     });
   }
@@ -91,19 +83,12 @@ std::vector<std::unique_ptr<TensorTable>> prepare_ema(at::TensorList ema, at::Te
                      "torch.float64 ema (and not otherwise), got ", dtype_name(x.scalar_type()), " for ",
                      dtype_name(e.scalar_type()));
     if (e.numel() == 0) continue;
-    if (tables.empty() || tables.back()->num_tensors == kMaxTensorsPerLaunch) {
-      tables.push_back(std::make_unique<TensorTable>());
-      tables.back()->num_tensors = 0;
-      tables.back()->block_begin[0] = 0;
-    }
+    const int j = append_tensor(tables, e.numel(), elements_per_block);
     TensorTable& t = *tables.back();
-    const int j = t.num_tensors++;
     t.ema[j] = e.data_ptr();
     t.param[j] = x.const_data_ptr();
-    t.numel[j] = e.numel();
     t.ema_dtype[j] = ed;
     t.param_dtype[j] = pd;
-    t.block_begin[j + 1] = t.block_begin[j] + (e.numel() + elements_per_block - 1) / elements_per_block;
   }
   return tables;
 }

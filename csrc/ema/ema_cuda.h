@@ -8,7 +8,7 @@
 namespace fewstep {
 namespace ema {
 
-// Elements one block updates; the caller sizes TensorTable::block_begin with it.
+// Elements one block updates; the caller cuts the tensors of TensorTable::index with it.
 int64_t elements_per_block_cuda();
 cudaError_t launch_ema_cuda(const Params& p, const TensorTable& t, cudaStream_t stream);
 

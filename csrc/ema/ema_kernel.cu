@@ -51,14 +51,9 @@ __device__ __forceinline__ void update_for(DType pd, void* ema, const void* para
 
 __global__ void __launch_bounds__(kThreads) ema_kernel(const Params p, const TensorTable t) {
   const int64_t block = blockIdx.x;
-  int lo = 0, hi = t.num_tensors - 1;  // last pair whose first block is <= this block
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (t.block_begin[mid] <= block) lo = mid; else hi = mid - 1;
-  }
-  const int i = lo;
-  const int64_t n = t.numel[i];
-  const int64_t first = (block - t.block_begin[i]) * kBlockElems + threadIdx.x;
+  const int i = t.index.tensor_of(block);
+  const int64_t n = t.index.numel[i];
+  const int64_t first = (block - t.index.block_begin[i]) * kBlockElems + threadIdx.x;
   switch (t.ema_dtype[i]) {
     case DType::kFloat64: return update<double, double>(t.ema[i], t.param[i], first, n, p.weight);
     case DType::kFloat16: return update_for<__half>(t.param_dtype[i], t.ema[i], t.param[i], first, n, p.weight);
@@ -73,7 +68,7 @@ __global__ void __launch_bounds__(kThreads) ema_kernel(const Params p, const Ten
 int64_t elements_per_block_cuda() { return kBlockElems; }
 
 cudaError_t launch_ema_cuda(const Params& p, const TensorTable& t, cudaStream_t stream) {
-  const int64_t blocks = t.block_begin[t.num_tensors];
+  const int64_t blocks = t.index.num_blocks();
   if (blocks == 0) return cudaSuccess;
   ema_kernel<<<blocks, kThreads, 0, stream>>>(p, t);
   return cudaGetLastError();

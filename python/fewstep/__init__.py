@@ -11,14 +11,14 @@ except ImportError as e:  # reported by the dispatcher when a compiled backend i
     _C_error = f"{type(e).__name__}: {e}"
 
 from fewstep._dispatch import BACKENDS, BackendUnavailableError, backend
-from fewstep import finetune, losses, ops, samplers
+from fewstep import finetune, losses, ops, optim, samplers
 from fewstep.ops.ema import ema_update_
 from fewstep.denoiser import Denoiser, FlowSchedule, Prediction, VPSchedule
 from fewstep import train  # after ema_update_, which the trainer calls
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "Denoiser", "FlowSchedule", "Prediction", "VPSchedule", "backend", "build_info", "ema_update_", "finetune", "losses", "ops", "samplers", "train"]
+__all__ = ["BACKENDS", "BackendUnavailableError", "Denoiser", "FlowSchedule", "Prediction", "VPSchedule", "backend", "build_info", "ema_update_", "finetune", "losses", "ops", "optim", "samplers", "train"]
 
 
 def build_info() -> dict:
