@@ -352,6 +352,10 @@ def test_bad_input_is_named():
         m.generator_loss({"noise": torch.randn(2, 2, dtype=torch.float64), "cond": {"c": 0.1}})
     with pytest.raises(ValueError, match="'noise' or 'x0'"):
         m.critic_loss({})
+    with pytest.raises(TypeError, match=r"batch\['cond'\]"):
+        m.critic_loss({"noise": torch.randn(2, 2, dtype=torch.float64), "cond": [0.1]})
+    with pytest.raises(TypeError, match=r"batch\['uncond'\]"):
+        m.generator_loss({"noise": torch.randn(2, 2, dtype=torch.float64), "uncond": 0.0})
     with pytest.raises(ValueError, match="regression"):
         DMD(teacher, Shift(2), Shift(2)).generator_loss({"noise": torch.randn(2, 2, dtype=torch.float64)})
     gan = DMD2(teacher, Shift(2), Shift(2), gan_head=nn.Linear(2, 1).double())

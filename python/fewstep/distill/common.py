@@ -71,12 +71,16 @@ def conditions(batch: dict, null_cond: Optional[dict], guidance_scale: float) ->
     """(cond, uncond) model kwargs; uncond is ``batch["uncond"]`` or ``null_cond``, needed when
     guidance_scale != 1 and None otherwise (no unconditional call is made)."""
     cond = batch.get("cond") or {}
+    if not isinstance(cond, dict):
+        raise TypeError(f"batch['cond']: expected a dict of model kwargs, got {type(cond).__name__}")
     if guidance_scale == 1.0:
         return cond, None
     uncond = batch.get("uncond", null_cond)
     if uncond is None:
         raise ValueError(f"batch: guidance_scale={guidance_scale} needs the unconditional kwargs as "
                          "batch['uncond'] or the method's null_cond argument, got neither")
+    if not isinstance(uncond, dict):
+        raise TypeError(f"batch['uncond']: expected a dict of model kwargs, got {type(uncond).__name__}")
     return cond, uncond
 
 
