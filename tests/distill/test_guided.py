@@ -71,7 +71,8 @@ def col(v):
 
 def alpha_sigma(t):
     """(alpha, sigma) per sample; timestep -1 is the clean end (1, 0)."""
-    abar = torch.where(torch.as_tensor(t) < 0, torch.ones((), dtype=torch.float64), ABAR[torch.as_tensor(t).clamp_min(0)])
+    t = torch.as_tensor(t)
+    abar = torch.where(t < 0, torch.ones((), dtype=torch.float64), ABAR[t.clamp_min(0)])
     return col(abar.sqrt()), col((1 - abar).sqrt())
 
 
@@ -258,7 +259,8 @@ def test_progressive_round_beats_teacher_ddim(one_thread):
     teacher_4 = sliced_w2(ddim_sample(method.teacher, noise, spaced_timesteps(1000, 4), {}), data)
     teacher_8 = sliced_w2(ddim_sample(method.teacher, noise, spaced_timesteps(1000, 8), {}), data)
     student_4 = sliced_w2(method.sample(noise), data)
-    assert student_4 < 0.8 * teacher_4, f"4 steps: student {student_4:.3f}, teacher {teacher_4:.3f} (8: {teacher_8:.3f})"
+    assert student_4 < 0.8 * teacher_4, \
+        f"4 steps: student {student_4:.3f}, teacher {teacher_4:.3f} (teacher at 8: {teacher_8:.3f})"
 
 
 
