@@ -30,6 +30,7 @@ def test_datasets_split_into_disjoint_equal_halves():
     a, b = ds.halves()
     assert a.shape == b.shape == (100, 2) and ds.eval_labels().shape == (100,)
     assert not torch.equal(a, b)
+    assert torch.equal(ds.heldout_y[:100], ds.heldout_y[100:])  # same classes in both halves
     assert demo_data.sliced_wasserstein2(a, b) < demo_data.sliced_wasserstein2(a, torch.zeros_like(a))
     with pytest.raises(ValueError, match="dataset: expected one of"):
         demo_data.load("cifar")

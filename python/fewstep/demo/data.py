@@ -1,13 +1,16 @@
 """The demo's datasets: small enough to distill on two CPU cores, real enough to measure.
 
-- ``mixture2d``: a class-conditional 2-D Gaussian mixture (8 modes on a ring plus a ninth in the
-  centre, unequal weights and widths), generated on the spot; unlimited held-out data.
+- ``mixture2d``: a 2-D Gaussian mixture (8 modes on a ring plus a ninth in the centre, unequal
+  weights and widths) with 3 classes — the even ring modes, the odd ones, the centre — so a class
+  is itself multimodal and one denoising step (its conditional mean) cannot reach it; generated
+  on the spot, unlimited held-out data.
 - ``digits``: scikit-learn's 8×8 handwritten digits (1,797 images, 10 classes; shipped inside
   scikit-learn, no download), scaled to [-1, 1]; a fixed split holds out a third.
 
-Each dataset gives training data, class labels and two disjoint held-out halves of equal size:
-the metric compares generated samples with one half; the *floor* is the same metric between the
-two halves — the distance that finite samples of the true distribution already have.
+Each dataset gives training data, class labels and two disjoint held-out halves of equal size with
+the same class counts: the metric compares generated samples (drawn with the first half's labels)
+with the first half; the *floor* is the same metric between the two halves — the distance that
+finite samples of the true distribution, class counts matched, already have.
 """
 from __future__ import annotations
 
@@ -44,21 +47,29 @@ class Dataset:
         return self.heldout_y[:self.eval_size]
 
 
-def _mixture2d_sample(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    angles = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
-    means = torch.cat([torch.stack([angles.cos(), angles.sin()], 1) * 1.6, torch.zeros(1, 2)])
-    stds = torch.tensor([0.08, 0.12, 0.08, 0.16, 0.08, 0.12, 0.08, 0.16, 0.25], dtype=torch.float64)
-    weights = torch.tensor([1.0, 1, 1, 1, 1, 1, 1, 1, 2], dtype=torch.float64)
-    y = torch.multinomial(weights / weights.sum(), n, replacement=True, generator=gen)
-    x = means[y] + stds[y, None] * torch.randn(n, 2, generator=gen, dtype=torch.float64)
-    return x.float(), y
+_ANGLES = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
+_MEANS = torch.cat([torch.stack([_ANGLES.cos(), _ANGLES.sin()], 1) * 1.6, torch.zeros(1, 2, dtype=torch.float64)])
+_STDS = torch.tensor([0.08, 0.12, 0.08, 0.16, 0.08, 0.12, 0.08, 0.16, 0.25], dtype=torch.float64)
+_WEIGHTS = torch.tensor([1.0, 1, 1, 1, 1, 1, 1, 1, 2], dtype=torch.float64)
+_CLASS_OF_MODE = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1, 2])
 
 
-def mixture2d(train_size: int = 20000, eval_size: int = 4000, seed: int = 0) -> Dataset:
+def _mixture2d_modes(n: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.multinomial(_WEIGHTS / _WEIGHTS.sum(), n, replacement=True, generator=gen)
+
+
+def _mixture2d_points(modes: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    noise = torch.randn(modes.shape[0], 2, generator=gen, dtype=torch.float64)
+    return (_MEANS[modes] + _STDS[modes, None] * noise).float()
+
+
+def mixture2d(train_size: int = 20000, eval_size: int = 10000, seed: int = 0) -> Dataset:
     gen = torch.Generator().manual_seed(seed)
-    train_x, train_y = _mixture2d_sample(train_size, gen)
-    held_x, held_y = _mixture2d_sample(2 * eval_size, gen)
-    return Dataset("mixture2d", train_x, train_y, held_x, held_y, num_classes=9)
+    train_modes = _mixture2d_modes(train_size, gen)
+    # Both held-out halves draw the same modes (so the same classes), with fresh points.
+    held_modes = _mixture2d_modes(eval_size, gen).repeat(2)
+    return Dataset("mixture2d", _mixture2d_points(train_modes, gen), _CLASS_OF_MODE[train_modes],
+                   _mixture2d_points(held_modes, gen), _CLASS_OF_MODE[held_modes], num_classes=3)
 
 
 def digits(seed: int = 0) -> Dataset:
@@ -69,8 +80,16 @@ def digits(seed: int = 0) -> Dataset:
     x = torch.as_tensor(bunch.data, dtype=torch.float32) / 8.0 - 1.0
     y = torch.as_tensor(bunch.target, dtype=torch.int64)
     perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
-    held = perm[: 2 * (x.shape[0] // 6)]  # a third held out, in two equal halves
-    train = perm[held.numel():]
+    # A third held out, class by class in pairs, so both halves have the same class counts.
+    halves, train = ([], []), []
+    for c in range(10):
+        members = perm[y[perm] == c]
+        pairs = members.shape[0] // 6
+        halves[0].append(members[:pairs])
+        halves[1].append(members[pairs:2 * pairs])
+        train.append(members[2 * pairs:])
+    held = torch.cat([torch.cat(halves[0]), torch.cat(halves[1])])
+    train = torch.cat(train)
     return Dataset("digits", x[train], y[train], x[held], y[held], num_classes=10, image_shape=(8, 8))
 
 

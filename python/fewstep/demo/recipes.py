@@ -30,8 +30,8 @@ def config_for(name: str, quick: bool = False, seed: int = 0) -> Config:
     if quick:
         return Config(teacher_steps=60, hidden=64, depth=2, distill_steps=20, batch_size=128, seed=seed)
     if name == "mixture2d":
-        return Config(teacher_steps=3000, hidden=256, depth=4, distill_steps=1500, batch_size=512, seed=seed)
-    return Config(teacher_steps=4000, hidden=512, depth=4, distill_steps=1500, batch_size=256, seed=seed)
+        return Config(teacher_steps=2500, hidden=128, depth=4, distill_steps=1000, batch_size=256, seed=seed)
+    return Config(teacher_steps=3000, hidden=256, depth=4, distill_steps=1000, batch_size=256, seed=seed)
 
 
 def train_teacher(ds: demo_data.Dataset, config: Config, device: torch.device, log) -> Denoiser:
