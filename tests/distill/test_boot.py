@@ -201,6 +201,16 @@ def test_runs_on_other_parametrizations(prediction):
     assert not any(p.requires_grad for p in m.teacher.parameters())
 
 
+def test_student_prediction_of_the_teacher_copy():
+    teacher = fewstep.Denoiser(MLP().double(), "eps", SCHEDULE)
+    m = BOOT(teacher, student_prediction="x0")
+    assert m.student.prediction == "x0" and m.student.model is not teacher.model
+    eps, t = torch.randn(3, 2, dtype=torch.float64), torch.full((3,), 500)
+    torch.testing.assert_close(m.signal(eps, t), teacher.model(eps, t))
+    with pytest.raises(ValueError, match="student_prediction"):
+        BOOT(teacher, fewstep.Denoiser(Affine(), "x0", SCHEDULE), student_prediction="v")
+
+
 def test_bad_input_is_named():
     teacher = fewstep.Denoiser(mixture(), "eps", SCHEDULE)
     with pytest.raises(TypeError, match="teacher"):

@@ -328,6 +328,19 @@ def test_any_parametrization_and_schedule(prediction):
     assert m.sample(batch["noise"]).shape == (4, 2)
 
 
+def test_generator_prediction_of_the_teacher_copy():
+    teacher = fewstep.Denoiser(MLP().double(), "eps", SCHEDULE)
+    m = DMD2(teacher, generator_prediction="x0")
+    assert m.generator.prediction == "x0" and m.fake_score.prediction == "eps"
+    assert m.generator.schedule is teacher.schedule and m.generator.model is not teacher.model
+    torch.testing.assert_close(m.generator.model.net[0].weight, teacher.model.net[0].weight)
+    x, t = torch.randn(3, 2, dtype=torch.float64), torch.full((3,), 999)
+    torch.testing.assert_close(m.generator(x, t).x0, teacher.model(x, t))  # the network's output, read as x0
+    assert DMD2(teacher, MLP().double(), generator_prediction="v").generator.prediction == "v"
+    with pytest.raises(ValueError, match="generator_prediction"):
+        DMD2(teacher, x0_model(MLP().double()), generator_prediction="x0")
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_bad_input_is_named():
     teacher = teacher_of(mixture(), cond=True)

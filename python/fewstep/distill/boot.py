@@ -69,6 +69,8 @@ class BOOT(DistillationMethod):
             y_t (a Denoiser copy of the teacher starts exact at the boundary; an ``"x0"`` or ``"v"``
             Denoiser keeps y well conditioned at large t); a plain module is wrapped with the
             teacher's prediction and schedule; ``None``: a trainable copy of the teacher.
+        student_prediction: the prediction type given to a plain-module student or the teacher's
+            copy (default: the teacher's); "x0" or "v" keep y well conditioned near T.
         guidance_scale, null_cond: classifier-free guidance of the teacher (``batch["uncond"]`` or
             ``null_cond`` give the unconditional kwargs).
         num_intervals / timesteps: the bootstrapping grid (descending; default ``num_intervals``
@@ -78,12 +80,13 @@ class BOOT(DistillationMethod):
 
     phases = ("student",)
 
-    def __init__(self, teacher: Denoiser, student: Optional[nn.Module] = None, *, guidance_scale: float = 1.0,
+    def __init__(self, teacher: Denoiser, student: Optional[nn.Module] = None, *,
+                 student_prediction: Optional[str] = None, guidance_scale: float = 1.0,
                  null_cond: Optional[dict] = None, num_intervals: int = 32,
                  timesteps: Optional[Sequence[int]] = None, weighting: str = "inv_delta_sq"):
         super().__init__()
         self.teacher = check_teacher(teacher)
-        self.student = as_denoiser("student", student, self.teacher)
+        self.student = as_denoiser("student", student, self.teacher, student_prediction)
         self.guidance_scale = check_guidance_scale(guidance_scale)
         if null_cond is not None and not isinstance(null_cond, dict):
             raise TypeError(f"null_cond: expected a dict of model kwargs or None, got {type(null_cond).__name__}")

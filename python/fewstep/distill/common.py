@@ -13,17 +13,19 @@ from torch import nn
 from fewstep.denoiser import Denoiser
 
 
-def as_denoiser(name: str, model, teacher: Denoiser) -> Denoiser:
+def as_denoiser(name: str, model, teacher: Denoiser, prediction: Optional[str] = None) -> Denoiser:
     """``model`` as a trainable :class:`Denoiser`: a Denoiser as given, a plain module wrapped with
-    the teacher's prediction type and schedule, ``None`` a trainable copy of the teacher."""
+    ``prediction`` (default: the teacher's) and the teacher's schedule, ``None`` a trainable copy of
+    the teacher's network wrapped the same way."""
     if model is None:
-        model = copy.deepcopy(teacher)
+        model = copy.deepcopy(teacher.model)
         model.requires_grad_(True)
-        return model
-    if isinstance(model, Denoiser):
+    elif isinstance(model, Denoiser):
+        if prediction is not None:
+            raise ValueError(f"{name}_prediction: given with a Denoiser {name}, which has its own prediction type")
         return model
     if isinstance(model, nn.Module):
-        return Denoiser(model, teacher.prediction, teacher.schedule)
+        return Denoiser(model, teacher.prediction if prediction is None else prediction, teacher.schedule)
     raise TypeError(f"{name}: expected a fewstep.Denoiser, an nn.Module or None, got {type(model).__name__}")
 
 

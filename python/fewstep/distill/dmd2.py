@@ -44,6 +44,10 @@ class DMD2(DistillationMethod):
         generator: the student (a Denoiser, or a module wrapped with the teacher's prediction and
             schedule); ``None``: a trainable copy of the teacher (DMD2's initialisation).
         fake_score: the critic's score model; ``None``: a trainable copy of the teacher.
+        generator_prediction: what the generator's network predicts when it is a plain module or
+            the teacher's copy (default: the teacher's type). From pure noise at the last timestep an
+            eps output is divided by alpha_T (~0.006 on DDPM's linear schedule, 156x): there "x0"
+            (or "v") keeps the one-step generator well conditioned.
         guidance_scale: CFG scale of the real score; != 1 needs unconditional kwargs, as
             ``batch["uncond"]`` or ``null_cond``.
         num_steps / timesteps: the student's timesteps (descending; default ``num_steps`` evenly
@@ -64,8 +68,8 @@ class DMD2(DistillationMethod):
     phases = ("generator", "critic")
 
     def __init__(self, teacher: Denoiser, generator: Optional[nn.Module] = None,
-                 fake_score: Optional[nn.Module] = None, *, guidance_scale: float = 1.0,
-                 null_cond: Optional[dict] = None, num_steps: int = 1, timesteps: Optional[Sequence[int]] = None,
+                 fake_score: Optional[nn.Module] = None, *, generator_prediction: Optional[str] = None,
+                 guidance_scale: float = 1.0, null_cond: Optional[dict] = None, num_steps: int = 1, timesteps: Optional[Sequence[int]] = None,
                  t_min: Optional[int] = None, t_max: Optional[int] = None, critic_t_min: int = 0,
                  critic_t_max: Optional[int] = None, dfake_gen_update_ratio: int = 5,
                  gan_head: Optional[nn.Module] = None, gan_feature_layer: Union[str, nn.Module, None] = None,
@@ -74,7 +78,7 @@ class DMD2(DistillationMethod):
                  regression_pairs: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
         super().__init__()
         self.teacher = check_teacher(teacher)
-        self.generator = as_denoiser("generator", generator, self.teacher)
+        self.generator = as_denoiser("generator", generator, self.teacher, generator_prediction)
         self.fake_score = as_denoiser("fake_score", fake_score, self.teacher)
         self.guidance_scale = check_guidance_scale(guidance_scale)
         if null_cond is not None and not isinstance(null_cond, dict):
