@@ -24,7 +24,7 @@ install: $(DEPS)
 	$(BIN)/python -m pip install -q --no-build-isolation --no-deps .
 
 demo: install
-	$(BIN)/fewstep demo
+	$(BIN)/fewstep demo --out fewstep-demo
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests
