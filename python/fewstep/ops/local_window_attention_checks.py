@@ -64,15 +64,17 @@ def check_forward_args(q, k, v, extra_k, extra_v, grid_h, grid_w, n_text, radius
                          f"{n_text + grid_h * grid_w}, got {n}")
     if window_h == -1 and window_w == -1:
         if not (math.isfinite(radius) and radius >= 1):
-            raise ValueError(f"radius: expected a finite number >= 1 (or 0 with a window), got {radius!r}")
+            raise ValueError(f"radius: expected a finite number >= 1 (or 0 with a window), got "
+                             f"{_checks.number_repr(radius)}")
     else:
         if radius != 0:
-            raise ValueError(f"radius: expected 0 with a window (window_h, window_w >= 0), got {radius!r}")
+            raise ValueError(f"radius: expected 0 with a window (window_h, window_w >= 0), got "
+                             f"{_checks.number_repr(radius)}")
         for name, value in (("window_h", window_h), ("window_w", window_w)):
             if value < 0:
                 raise ValueError(f"{name}: expected >= 0 (or -1 with both, for a circle), got {value}")
     if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale: expected a finite number > 0, got {scale!r}")
+        raise ValueError(f"scale: expected a finite number > 0, got {_checks.number_repr(scale)}")
 
 
 def check_backward_args(grad_out, q, k, v, extra_k, extra_v, out, lse, grid_h, grid_w, n_text, radius,
