@@ -16,10 +16,10 @@ DT = torch.float64
 # tiny models and their inputs
 
 
-def _flux(seed=0):
+def _flux(seed=0, layers=2):
     torch.manual_seed(seed)
     return diffusers.FluxTransformer2DModel(
-        patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+        patch_size=1, in_channels=4, num_layers=layers, num_single_layers=layers, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=8, pooled_projection_dim=8, guidance_embeds=False, axes_dims_rope=(4, 6, 6)).to(DT)
 
 
@@ -65,6 +65,20 @@ def _pixart_inputs(grid, n_text, batch=2, seed=1):
                 encoder_hidden_states=torch.randn(batch, n_text, 8, generator=g, dtype=DT),
                 timestep=torch.randint(0, 1000, (batch,), generator=g),
                 added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+
+
+def _dit(seed=0):
+    torch.manual_seed(seed)
+    return diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, num_layers=2, sample_size=8,
+        patch_size=2, num_embeds_ada_norm=10).to(DT)
+
+
+def _dit_inputs(grid, batch=2, seed=1):  # DiT unpatchifies to its configured square sample size
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(batch, 4, 2 * grid[0], 2 * grid[1], generator=g, dtype=DT),
+                timestep=torch.randint(0, 1000, (batch,), generator=g),
+                class_labels=torch.randint(0, 10, (batch,), generator=g))
 
 
 def _run(model, inputs, **extra):
@@ -178,6 +192,28 @@ def test_pixart_self_attention_is_local_and_cross_attention_dense(monkeypatch):
     torch.testing.assert_close(_run(model, inputs), expected, rtol=1e-10, atol=1e-10)
 
 
+def test_dit_self_attention_is_local(monkeypatch):
+    grid = (4, 4)
+    model = _dit()
+    inputs = _dit_inputs(grid)
+    dense = _run(model, inputs)
+    with monkeypatch.context() as m:
+        _masked_sdpa(m, grid, 0, radius=1.9)
+        expected = _run(model, inputs)
+    clear.convert(model, radius=1.9)
+    out = _run(model, inputs)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    assert (out - dense).abs().max() > 1e-3
+
+
+def test_converted_sd3_compiles_fullgraph():
+    grid, n_text = (3, 5), 3
+    model = clear.convert(_sd3(), radius=2)
+    inputs = _sd3_inputs(grid, n_text, batch=1)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(_run(compiled, inputs), _run(model, inputs), rtol=1e-12, atol=1e-12)
+
+
 def test_fixed_grid_and_errors():
     grid, n_text = (3, 4), 2
     model = clear.convert(_flux(), radius=2, grid=grid)
@@ -287,11 +323,11 @@ def test_recipe_attention_loss_is_the_mean_over_chosen_layers():
 
 def test_recipe_loss_decreases():
     grid, n_text = (4, 4), 3
-    method = clear.ClearDistillation(_flux(), radius=1.5, pooled_kv_factor=2)
-    optimizer = torch.optim.Adam(method.parameters_of("student"), lr=3e-3)
+    method = clear.ClearDistillation(_flux(layers=1), radius=1.5, pooled_kv_factor=2)
+    optimizer = torch.optim.Adam(method.parameters_of("student"), lr=1e-2)
     batch = _recipe_batch(grid, n_text)
     losses = []
-    for step in range(6):
+    for step in range(4):
         torch.manual_seed(0)  # the same noise levels each step: only the parameters change
         loss, logs = method.loss("student", batch, step)
         loss.backward()
@@ -299,7 +335,7 @@ def test_recipe_loss_decreases():
         optimizer.zero_grad()
         method.after_step("student", step)
         losses.append(float(logs["loss"]))
-    assert losses[-1] < 0.9 * losses[0], losses
+    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.95 * losses[0], losses
 
 
 def test_recipe_sample_and_bad_arguments():

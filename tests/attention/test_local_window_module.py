@@ -1,4 +1,7 @@
 """fewstep.attention.LocalWindowAttention and PooledKV against the dense masked reference."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -132,3 +135,13 @@ def test_bad_call_is_named():
             q.transpose(1, 2).flatten(2), k.transpose(1, 2).flatten(2), v.transpose(1, 2).flatten(2), heads=3)
     with pytest.raises(ValueError, match="q: expected N"):  # the op's own check: 2 + 3*4 != 17
         LocalWindowAttention(radius=2, grid=(3, 4), n_text=2)(q, k, v)
+
+
+def test_fewstep_and_clear_import_without_diffusers():
+    code = ("import sys; sys.modules['diffusers'] = None\n"  # makes `import diffusers` fail
+            "import fewstep, fewstep.clear, fewstep.attention\n"
+            "assert 'diffusers' not in sys.modules or sys.modules['diffusers'] is None\n"
+            "print(fewstep.attention.LocalWindowAttention(radius=2).radius)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "2"
