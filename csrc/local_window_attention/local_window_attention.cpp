@@ -1,17 +1,21 @@
 // Local-window (CLEAR) attention: op schemas, argument checks and the CPU kernels.
 //
-// Forward, per query: scores of the admitted keys (rows and spans, never all N), then softmax
-// and the weighted sum of values; lse = max + log(sum). Backward recomputes P = exp(S - lse):
-// a query pass writes dQ and delta = rowsum(dO * O), then a key pass writes dK and dV, each key
-// summing over the queries that attend it in a fixed order (no atomics, no partial buffers), so
-// results do not depend on the thread count.
+// Forward, per block of queries: scores of the admitted keys (rows and spans, never all N), then
+// softmax and the weighted sum of values; lse = max + log(sum). Backward recomputes
+// P = exp(S - lse): a query pass writes dQ and delta = rowsum(dO * O), then a key pass writes dK
+// and dV, each key summing over the queries that attend it in a fixed order (no atomics, no
+// partial buffers), so results do not depend on the thread count. Kernels:
+// local_window_attention_cpu.inc.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -22,178 +26,46 @@ namespace fewstep {
 namespace local_window_attention {
 namespace {
 
-constexpr int64_t kRowBlock = 16;  // queries (forward, dQ) or keys (dK/dV) per parallel task
+// The kernels twice: for AVX2 + FMA (chosen at run time when the CPU has them) and for the
+// compiler's baseline, so that the extension needs no special build flags.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FEWSTEP_LWA_HAVE_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define FEWSTEP_LWA_ISA avx2
+#include "local_window_attention/local_window_attention_cpu.inc"
+#undef FEWSTEP_LWA_ISA
+#pragma GCC pop_options
+#else
+#define FEWSTEP_LWA_HAVE_AVX2 0
+#endif
+#define FEWSTEP_LWA_ISA baseline
+#include "local_window_attention/local_window_attention_cpu.inc"
+#undef FEWSTEP_LWA_ISA
 
-// Eight independent partial sums so that the compiler vectorizes without reassociating.
-template <typename T>
-T dot(const T* a, const T* b, int64_t n) {
-  T acc[8] = {};
-  int64_t d = 0;
-  for (; d + 8 <= n; d += 8)
-    for (int l = 0; l < 8; ++l) acc[l] += a[d + l] * b[d + l];
-  T s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-  for (; d < n; ++d) s += a[d] * b[d];
-  return s;
+bool cpu_has_avx2() {
+#if FEWSTEP_LWA_HAVE_AVX2
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
 }
 
 template <typename T>
-void axpy(T* y, T a, const T* x, int64_t n) {
-  for (int64_t d = 0; d < n; ++d) y[d] += a * x[d];
-}
-
-// Views of one (batch, query head) slice: its kv head, extra tokens and row pointers.
-template <typename T>
-struct HeadView {
-  const T* q;
-  const T* k;
-  const T* v;
-  const T* extra_k;
-  const T* extra_v;
-  int64_t bh;   // b * heads + h: row of q, out, lse
-  int64_t bkv;  // b * kv_heads + h / group: row of k, v, extra
-};
-
-template <typename T>
-HeadView<T> head_view(const Params& p, int64_t b, int64_t h) {
-  const int64_t group = p.heads / p.kv_heads;
-  HeadView<T> view;
-  view.bh = b * p.heads + h;
-  view.bkv = b * p.kv_heads + h / group;
-  view.q = static_cast<const T*>(p.q) + view.bh * p.seq_len * p.head_dim;
-  view.k = static_cast<const T*>(p.k) + view.bkv * p.seq_len * p.head_dim;
-  view.v = static_cast<const T*>(p.v) + view.bkv * p.seq_len * p.head_dim;
-  view.extra_k = p.n_extra ? static_cast<const T*>(p.extra_k) + view.bkv * p.n_extra * p.head_dim : nullptr;
-  view.extra_v = p.n_extra ? static_cast<const T*>(p.extra_v) + view.bkv * p.n_extra * p.head_dim : nullptr;
-  return view;
-}
-
-// Calls f(k_j, v_j) for every key/value row that query i attends, in a fixed order.
-template <typename T, class F>
-void for_each_key(const Params& p, const std::vector<int64_t>& half_width, const HeadView<T>& view, int64_t i,
-                  F&& f) {
-  const int64_t D = p.head_dim;
-  for_each_key_range(p, half_width, i, [&](int64_t first, int64_t last) {
-    for (int64_t j = first; j < last; ++j) f(view.k + j * D, view.v + j * D);
-  });
-  if (i >= p.n_text)
-    for (int64_t e = 0; e < p.n_extra; ++e) f(view.extra_k + e * D, view.extra_v + e * D);
-}
-
-// Runs f(b, h_or_kv, first, last) over blocks of `rows` rows of every (batch, head) pair.
-template <class F>
-void for_each_row_block(int64_t batch, int64_t heads, int64_t rows, F&& f) {
-  const int64_t blocks = (rows + kRowBlock - 1) / kRowBlock;
-  at::parallel_for(0, batch * heads * blocks, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t bh = t / blocks, block = t % blocks;
-      f(bh / heads, bh % heads, block * kRowBlock, std::min(rows, (block + 1) * kRowBlock));
-    }
-  });
+void run_forward(const Params& p) {
+#if FEWSTEP_LWA_HAVE_AVX2
+  if (cpu_has_avx2()) return avx2::forward<T>(p);
+#endif
+  baseline::forward<T>(p);
 }
 
 template <typename T>
-void forward_kernel(const Params& p) {
-  const auto half_width = row_half_widths(p);
-  const int64_t N = p.seq_len, D = p.head_dim;
-  const T scale = static_cast<T>(p.scale);
-  T* out = static_cast<T*>(p.out);
-  T* lse = static_cast<T*>(p.lse);
-  for_each_row_block(p.batch, p.heads, N, [&](int64_t b, int64_t h, int64_t first, int64_t last) {
-    const HeadView<T> view = head_view<T>(p, b, h);
-    std::vector<T> scores(N + p.n_extra), acc(D);
-    for (int64_t i = first; i < last; ++i) {
-      const T* qi = view.q + i * D;
-      T max_score = -std::numeric_limits<T>::infinity();
-      int64_t n = 0;
-      for_each_key(p, half_width, view, i, [&](const T* kj, const T*) {
-        const T s = scale * dot(qi, kj, D);
-        scores[n++] = s;
-        max_score = std::max(max_score, s);
-      });
-      std::fill(acc.begin(), acc.end(), T(0));
-      T sum = 0;
-      n = 0;
-      for_each_key(p, half_width, view, i, [&](const T*, const T* vj) {
-        const T w = std::exp(scores[n++] - max_score);
-        sum += w;
-        axpy(acc.data(), w, vj, D);
-      });
-      T* oi = out + (view.bh * N + i) * D;
-      const T inv = T(1) / sum;
-      for (int64_t d = 0; d < D; ++d) oi[d] = acc[d] * inv;
-      lse[view.bh * N + i] = max_score + std::log(sum);
-    }
-  });
-}
-
-template <typename T>
-void backward_kernel(const Params& p) {
-  const auto half_width = row_half_widths(p);
-  const int64_t N = p.seq_len, D = p.head_dim, group = p.heads / p.kv_heads;
-  const T scale = static_cast<T>(p.scale);
-  const T* out = static_cast<const T*>(p.out);
-  const T* grad_out = static_cast<const T*>(p.grad_out);
-  const T* lse = static_cast<const T*>(p.lse);
-  T* delta = static_cast<T*>(p.delta);
-
-  // Query pass: delta_i = dO_i . O_i, dQ_i = scale * sum_j P_ij (dO_i . v_j - delta_i) k_j.
-  T* dq = static_cast<T*>(p.dq);
-  for_each_row_block(p.batch, p.heads, N, [&](int64_t b, int64_t h, int64_t first, int64_t last) {
-    const HeadView<T> view = head_view<T>(p, b, h);
-    std::vector<T> acc(D);
-    for (int64_t i = first; i < last; ++i) {
-      const int64_t row = view.bh * N + i;
-      const T* qi = view.q + i * D;
-      const T* doi = grad_out + row * D;
-      const T delta_i = dot(doi, out + row * D, D);
-      delta[row] = delta_i;
-      std::fill(acc.begin(), acc.end(), T(0));
-      for_each_key(p, half_width, view, i, [&](const T* kj, const T* vj) {
-        const T prob = std::exp(scale * dot(qi, kj, D) - lse[row]);
-        axpy(acc.data(), prob * (dot(doi, vj, D) - delta_i), kj, D);
-      });
-      T* dqi = dq + row * D;
-      for (int64_t d = 0; d < D; ++d) dqi[d] = scale * acc[d];
-    }
-  });
-
-  // Key pass over the N sequence keys and then the E extra keys of each kv head: every query
-  // head of the group, and in it every query that attends key j (symmetry, or all image queries
-  // for an extra key), adds P_ij dO_i to dV_j and scale * dS_ij q_i to dK_j.
-  for_each_row_block(p.batch, p.kv_heads, N + p.n_extra, [&](int64_t b, int64_t kvh, int64_t first, int64_t last) {
-    std::vector<T> dk_acc(D), dv_acc(D);
-    const int64_t bkv = b * p.kv_heads + kvh;
-    for (int64_t j = first; j < last; ++j) {
-      const bool extra = j >= N;
-      const int64_t kv_row = extra ? bkv * p.n_extra + (j - N) : bkv * N + j;
-      const T* kj = static_cast<const T*>(extra ? p.extra_k : p.k) + kv_row * D;
-      const T* vj = static_cast<const T*>(extra ? p.extra_v : p.v) + kv_row * D;
-      std::fill(dk_acc.begin(), dk_acc.end(), T(0));
-      std::fill(dv_acc.begin(), dv_acc.end(), T(0));
-      for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
-        const HeadView<T> view = head_view<T>(p, b, h);
-        auto add_query = [&](int64_t i) {
-          const int64_t row = view.bh * N + i;
-          const T* qi = view.q + i * D;
-          const T* doi = grad_out + row * D;
-          const T prob = std::exp(scale * dot(qi, kj, D) - lse[row]);
-          axpy(dv_acc.data(), prob, doi, D);
-          axpy(dk_acc.data(), prob * (dot(doi, vj, D) - delta[row]), qi, D);
-        };
-        auto add_queries = [&](int64_t q_first, int64_t q_last) {
-          for (int64_t i = q_first; i < q_last; ++i) add_query(i);
-        };
-        if (extra) add_queries(p.n_text, N);
-        else for_each_key_range(p, half_width, j, add_queries);
-      }
-      T* dk = static_cast<T*>(extra ? p.dextra_k : p.dk) + kv_row * D;
-      T* dv = static_cast<T*>(extra ? p.dextra_v : p.dv) + kv_row * D;
-      for (int64_t d = 0; d < D; ++d) {
-        dk[d] = scale * dk_acc[d];
-        dv[d] = dv_acc[d];
-      }
-    }
-  });
+void run_backward(const Params& p) {
+#if FEWSTEP_LWA_HAVE_AVX2
+  if (cpu_has_avx2()) return avx2::backward<T>(p);
+#endif
+  baseline::backward<T>(p);
 }
 
 // ---- torch glue ----------------------------------------------------------------------------
@@ -305,13 +177,6 @@ void check_cpu(const at::Tensor& q) {
   TORCH_CHECK_VALUE(q.device().is_cpu(), "q: expected a CPU tensor for the CPU kernel, got ", q.device());
 }
 
-template <template <typename> class K>
-void run_for_dtype(const Params& p) {
-  if (p.dtype == DType::kFloat64) K<double>::run(p);
-  else K<float>::run(p);
-}
-template <typename T> struct Forward { static void run(const Params& p) { forward_kernel<T>(p); } };
-template <typename T> struct Backward { static void run(const Params& p) { backward_kernel<T>(p); } };
 
 std::tuple<at::Tensor, at::Tensor> local_window_attention_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& extra_k,
@@ -323,7 +188,8 @@ std::tuple<at::Tensor, at::Tensor> local_window_attention_cpu(
   s.lse = at::empty({q.size(0), q.size(1), q.size(2)}, s.q.options());
   s.params.out = s.out.mutable_data_ptr();
   s.params.lse = s.lse.mutable_data_ptr();
-  run_for_dtype<Forward>(s.params);
+  if (s.params.dtype == DType::kFloat64) run_forward<double>(s.params);
+  else run_forward<float>(s.params);
   return {s.out.to(q.scalar_type()), s.lse};
 }
 
@@ -366,7 +232,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_win
   p.dv = s.dv.mutable_data_ptr();
   p.dextra_k = n_extra > 0 ? s.dextra_k.mutable_data_ptr() : nullptr;
   p.dextra_v = n_extra > 0 ? s.dextra_v.mutable_data_ptr() : nullptr;
-  run_for_dtype<Backward>(p);
+  if (p.dtype == DType::kFloat64) run_backward<double>(p);
+  else run_backward<float>(p);
   const auto in_type = q.scalar_type();
   return {s.dq.to(in_type), s.dk.to(in_type), s.dv.to(in_type), s.dextra_k.to(in_type), s.dextra_v.to(in_type)};
 }

@@ -7,7 +7,7 @@
 // (rectangle). Within one grid row the admitted keys are one contiguous span, so kernels walk
 // rows and spans instead of testing keys. Over the N sequence tokens the relation is symmetric:
 // the queries that attend key j are exactly the keys that query j attends, which lets the
-// backward accumulate dK/dV per key (deterministically, without atomics).
+// backward accumulate dK/dV per key (deterministically, without atomics) with the same spans.
 #pragma once
 
 #include <algorithm>
@@ -67,23 +67,69 @@ inline std::vector<int64_t> row_half_widths(const Params& p) {
   return half_width;
 }
 
-// Calls f(first, last) for every contiguous range of sequence keys (indices in [0, N)) that
-// sequence query i attends, in increasing order. Extra keys are the caller's: image queries
-// (i >= n_text) attend all of them. By symmetry, f also receives the queries that attend key i.
-template <class F>
-inline void for_each_key_range(const Params& p, const std::vector<int64_t>& half_width, int64_t i, F&& f) {
-  if (i < p.n_text) {
-    f(int64_t{0}, p.seq_len);
+constexpr int kBlock = 4;  // rows (queries, or keys in the dK/dV pass) the CPU kernels handle together
+
+// Up to kBlock consecutive rows of one kind: text tokens, image tokens of one grid row, or extra
+// tokens (rows >= N; keys only).
+struct RowBlock {
+  int64_t first, count;
+};
+
+inline std::vector<RowBlock> row_blocks(const Params& p, bool with_extra) {
+  std::vector<RowBlock> blocks;
+  auto split = [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; r += kBlock) blocks.push_back({r, std::min<int64_t>(kBlock, last - r)});
+  };
+  split(0, p.n_text);
+  for (int64_t y = 0; y < p.grid_h; ++y) split(p.n_text + y * p.grid_w, p.n_text + (y + 1) * p.grid_w);
+  if (with_extra) split(p.seq_len, p.seq_len + p.n_extra);
+  return blocks;
+}
+
+// A contiguous run of columns that a row block attends: sequence tokens [first, first + count),
+// or extra tokens when `extra`. Row t of the block admits the columns [lo[t], hi[t]) of the run
+// (lo == hi == 0 for the padding rows t >= block.count).
+struct Segment {
+  int64_t first, count;
+  bool extra;
+  int64_t lo[kBlock], hi[kBlock];
+};
+
+// The segments of a block, in a fixed order. With `query_rows` the rows are queries and the
+// columns keys (image queries also see the extra keys); otherwise the rows are keys and the
+// columns the queries that attend them, which by symmetry are the same sequence segments (and all
+// image queries for an extra key).
+inline void block_segments(const Params& p, const std::vector<int64_t>& half_width, const RowBlock& block,
+                           bool query_rows, std::vector<Segment>& out) {
+  out.clear();
+  auto add_full = [&](int64_t first, int64_t count, bool extra) {
+    Segment s{first, count, extra, {}, {}};
+    for (int t = 0; t < block.count; ++t) s.hi[t] = count;
+    out.push_back(s);
+  };
+  if (block.first >= p.seq_len) {  // extra keys: every image query
+    add_full(p.n_text, p.seq_len - p.n_text, false);
     return;
   }
-  if (p.n_text > 0) f(int64_t{0}, p.n_text);
-  const int64_t pos = i - p.n_text, y = pos / p.grid_w, x = pos % p.grid_w;
+  if (block.first < p.n_text) {  // text rows: every sequence token
+    add_full(0, p.seq_len, false);
+    return;
+  }
+  if (p.n_text > 0) add_full(0, p.n_text, false);
+  const int64_t pos = block.first - p.n_text, y = pos / p.grid_w, x0 = pos % p.grid_w;
+  const int64_t x_last = x0 + block.count - 1;
   const int64_t reach = static_cast<int64_t>(half_width.size()) - 1;
   for (int64_t yk = std::max<int64_t>(0, y - reach); yk <= std::min(p.grid_h - 1, y + reach); ++yk) {
     const int64_t m = half_width[yk > y ? yk - y : y - yk];
-    const int64_t row = p.n_text + yk * p.grid_w;
-    f(row + std::max<int64_t>(0, x - m), row + std::min(p.grid_w - 1, x + m) + 1);
+    const int64_t col_first = std::max<int64_t>(0, x0 - m), col_last = std::min(p.grid_w - 1, x_last + m);
+    Segment s{p.n_text + yk * p.grid_w + col_first, col_last - col_first + 1, false, {}, {}};
+    for (int t = 0; t < block.count; ++t) {
+      s.lo[t] = std::max<int64_t>(0, x0 + t - m) - col_first;
+      s.hi[t] = std::min(p.grid_w - 1, x0 + t + m) + 1 - col_first;
+    }
+    out.push_back(s);
   }
+  if (query_rows && p.n_extra > 0) add_full(0, p.n_extra, true);
 }
 
 }  // namespace local_window_attention
