@@ -51,6 +51,7 @@ CASES = [
     Case(2, 2, 1, 6, (5, 7), 2, 0, window=(1, 2)),
     Case(1, 1, 1, 3, (4, 9), 1, 1, window=(2, 0), noncontiguous=True),
     Case(2, 2, 2, 8, (7, 5), 3, 0, window=(10, 10)),  # the whole grid
+    Case(1, 6, 2, 12, (6, 1), 0, 2, radius=2.5, noncontiguous=True),  # one column
 ]
 
 
@@ -220,6 +221,27 @@ def test_gradcheck_through_the_public_function():
             [t2[name].requires_grad_(True) for name in ("q", "k", "v")])
 
 
+def test_compiled_fullgraph_matches_eager():
+    c = CASES[2]
+    t = make_inputs(c, torch.float32, seed=15)
+
+    def step(q, k, v, extra_k, extra_v):
+        out = fewstep.local_window_attention(q, k, v, grid=c.grid, radius=c.radius, n_text=c.n_text,
+                                             extra_k=extra_k, extra_v=extra_v, scale=c.scale)
+        return (out * out).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    results = []
+    with fewstep.backend("cpu"):
+        for fn in (step, compiled):
+            leaves = [t[name].detach().requires_grad_(True) for name in ("q", "k", "v", "extra_k", "extra_v")]
+            loss = fn(*leaves)
+            results.append([loss, *torch.autograd.grad(loss, leaves)])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("c", [CASES[2], CASES[6]], ids=case_id)
 def test_opcheck(c):
     t = make_inputs(c, torch.float32, seed=12)
@@ -281,6 +303,8 @@ BAD_FORWARD = [
     (dict(radius=float("nan")), ValueError, "radius: expected a finite number >= 1 (or 0 with a window), got nan"),
     (dict(radius=float("inf")), ValueError, "radius: expected a finite number >= 1 (or 0 with a window), got inf"),
     (dict(window_h=1, window_w=1), ValueError, "radius: expected 0 with a window (window_h, window_w >= 0), got 2.5"),
+    (dict(window_h=1, window_w=1, radius=2.0), ValueError,
+     "radius: expected 0 with a window (window_h, window_w >= 0), got 2"),
     (dict(radius=0.0, window_h=-2, window_w=1), ValueError,
      "window_h: expected >= 0 (or -1 with both, for a circle), got -2"),
     (dict(radius=0.0, window_h=1, window_w=-1), ValueError,
