@@ -84,7 +84,8 @@ class _GridFromInput:
         if not isinstance(img_ids, torch.Tensor):
             raise ValueError("img_ids: expected the image tokens' position ids [S, 3] (keyword argument), got "
                              f"{type(img_ids).__name__}")
-        if self._ids_ref is not None and self._ids_ref() is img_ids and img_ids._version == self._ids_version:
+        version = None if img_ids.is_inference() else img_ids._version  # inference tensors have no counter
+        if self._ids_ref is not None and self._ids_ref() is img_ids and version == self._ids_version:
             return self._ids_grid
         ids = img_ids[0] if img_ids.dim() == 3 else img_ids
         rows, cols = (torch.stack([ids[:, 1].max(), ids[:, 2].max()]).round().long() + 1).tolist()
@@ -92,7 +93,7 @@ class _GridFromInput:
         if rows * cols != n_image:
             raise ValueError(f"img_ids: expected the ids of an H x W grid of the {n_image} image tokens, got "
                              f"rows 0..{rows - 1} and columns 0..{cols - 1} ({rows * cols} positions)")
-        self._ids_ref, self._ids_version, self._ids_grid = weakref.ref(img_ids), img_ids._version, (rows, cols)
+        self._ids_ref, self._ids_version, self._ids_grid = weakref.ref(img_ids), version, (rows, cols)
         return rows, cols
 
 
@@ -102,7 +103,9 @@ class _GridFromInput:
 
 class _LocalProcessor(nn.Module):
     """Base of the processors: the attention module (with the pooled K/V weights, if any) and the
-    shared token grid."""
+    shared token grid. Modules, so that pooled weights are the model's parameters; subclasses
+    define ``__call__`` (not ``forward``) because diffusers filters the keyword arguments it
+    passes by the processor's ``__call__`` signature."""
 
     def __init__(self, attention: LocalWindowAttention, grid: _TokenGrid):
         super().__init__()
@@ -415,7 +418,7 @@ class ClearDistillation(DistillationMethod):
             raise ValueError(f"timestep_sampling: expected 'uniform' or 'logit_normal', got {timestep_sampling!r}")
         student = convert(copy.deepcopy(teacher), radius=radius, window=window, grid=grid,
                           pooled_kv_factor=pooled_kv_factor)
-        teacher.requires_grad_(False)
+        teacher.requires_grad_(False).eval()
         student.requires_grad_(False)
         local = converted_attention(student)
         trained = _ATTENTION_PROJECTIONS + (_CONTEXT_PROJECTIONS if train_context_projections else ())
