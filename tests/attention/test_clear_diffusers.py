@@ -19,8 +19,8 @@ DT = torch.float64
 def _flux(seed=0, layers=2):
     torch.manual_seed(seed)
     return diffusers.FluxTransformer2DModel(
-        patch_size=1, in_channels=4, num_layers=layers, num_single_layers=layers, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=8, pooled_projection_dim=8, guidance_embeds=False, axes_dims_rope=(4, 6, 6)).to(DT)
+        patch_size=1, in_channels=4, num_layers=layers, num_single_layers=layers, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=8, pooled_projection_dim=8, guidance_embeds=False, axes_dims_rope=(4, 6, 6)).to(DT)
 
 
 def _flux_inputs(grid, n_text, batch=2, seed=1):
@@ -218,7 +218,8 @@ def test_fixed_grid_and_errors():
     grid, n_text = (3, 4), 2
     model = clear.convert(_flux(), radius=2, grid=grid)
     inputs = _flux_inputs(grid, n_text)
-    expected = _run(_flux(), inputs, joint_attention_kwargs={"attention_mask": local_window_mask(grid, n_text, radius=2)})
+    mask = local_window_mask(grid, n_text, radius=2)
+    expected = _run(_flux(), inputs, joint_attention_kwargs={"attention_mask": mask})
     torch.testing.assert_close(_run(model, inputs), expected, rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match=r"hidden_states: expected 12 image tokens \(a 3 x 4 token grid\), got 20"):
         _run(model, _flux_inputs((4, 5), n_text))
@@ -239,6 +240,28 @@ def test_fixed_grid_and_errors():
         _run(inferred, _flux_inputs(grid, n_text), joint_attention_kwargs={"attention_mask": mask})
     with pytest.raises(ValueError, match="transformer: expected a model converted by fewstep.clear.convert"):
         clear.restore(_flux())
+
+
+def test_conversion_errors_are_named():
+    with pytest.raises(TypeError, match="transformer: expected a diffusers transformer"):
+        clear.convert(object())
+    with pytest.raises(ValueError, match=r"grid: expected \(H, W\) for Sequential"):
+        clear.convert(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match="transformer: expected diffusers attention modules, found none"):
+        clear.convert(torch.nn.Sequential(torch.nn.Linear(2, 2)), grid=(2, 2))
+
+    class CustomProcessor:
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
+            return hidden_states
+
+    model = _pixart()
+    model.transformer_blocks[1].attn1.set_processor(CustomProcessor())
+    with pytest.raises(TypeError, match="got CustomProcessor at 'transformer_blocks.1.attn1'"):
+        clear.convert(model)
+
+    attn = clear.convert(_flux(), radius=2).transformer_blocks[0].attn  # used before any model forward
+    with pytest.raises(ValueError, match="grid: expected the token grid of this call, got None"):
+        attn(hidden_states=torch.randn(1, 4, 32, dtype=DT), encoder_hidden_states=torch.randn(1, 2, 32, dtype=DT))
 
 
 def test_flux_grid_read_once_per_ids_tensor(monkeypatch):
