@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -26,9 +27,10 @@ namespace fewstep {
 namespace local_window_attention {
 namespace {
 
-// The kernels twice: for AVX2 + FMA (chosen at run time when the CPU has them) and for the
-// compiler's baseline, so that the extension needs no special build flags.
-#if defined(__x86_64__) && defined(__GNUC__)
+// The kernels twice: for AVX2 + FMA, chosen at run time when the CPU has them, and for the
+// compiler's baseline, so that the extension needs no special build flags. FEWSTEP_CPU_ISA=baseline
+// forces the baseline copy (its tests run on AVX2 machines too).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FEWSTEP_LWA_HAVE_AVX2 1
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
@@ -43,19 +45,21 @@ namespace {
 #include "local_window_attention/local_window_attention_cpu.inc"
 #undef FEWSTEP_LWA_ISA
 
-bool cpu_has_avx2() {
 #if FEWSTEP_LWA_HAVE_AVX2
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-#else
-  return false;
-#endif
+bool use_avx2() {
+  static const bool use = [] {
+    const char* isa = std::getenv("FEWSTEP_CPU_ISA");
+    return !(isa && std::strcmp(isa, "baseline") == 0) && __builtin_cpu_supports("avx2") &&
+           __builtin_cpu_supports("fma");
+  }();
+  return use;
 }
+#endif
 
 template <typename T>
 void run_forward(const Params& p) {
 #if FEWSTEP_LWA_HAVE_AVX2
-  if (cpu_has_avx2()) return avx2::forward<T>(p);
+  if (use_avx2()) return avx2::forward<T>(p);
 #endif
   baseline::forward<T>(p);
 }
@@ -63,7 +67,7 @@ void run_forward(const Params& p) {
 template <typename T>
 void run_backward(const Params& p) {
 #if FEWSTEP_LWA_HAVE_AVX2
-  if (cpu_has_avx2()) return avx2::backward<T>(p);
+  if (use_avx2()) return avx2::backward<T>(p);
 #endif
   baseline::backward<T>(p);
 }

@@ -38,7 +38,7 @@ struct Params {
   void* dextra_k;
   void* dextra_v;
   void* delta;      // backward scratch: rowsum(grad_out * out), dtype of lse
-  DType dtype;      // of every tensor but lse/delta
+  DType dtype;      // of every tensor but lse/delta (the CPU glue passes fp16/bf16 as fp32)
   int64_t batch, heads, kv_heads, seq_len, n_extra, head_dim;
   int64_t grid_h, grid_w, n_text;
   double radius;    // > 0: circle (window_h == window_w == -1)

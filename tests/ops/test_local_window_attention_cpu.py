@@ -3,8 +3,12 @@ reference (out, lse and every gradient), determinism, opcheck, gradcheck, and th
 from __future__ import annotations
 
 import math
+import os
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import pytest
@@ -240,6 +244,19 @@ def test_compiled_fullgraph_matches_eager():
             results.append([loss, *torch.autograd.grad(loss, leaves)])
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(os.environ.get("FEWSTEP_CPU_ISA") == "baseline", reason="this run is the baseline one")
+def test_baseline_isa_copy_passes_the_parity_tests():
+    """The kernels are compiled twice (AVX2+FMA, chosen at run time, and the compiler's baseline);
+    FEWSTEP_CPU_ISA=baseline forces the baseline copy, which must pass the same tests."""
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:logging", __file__, "-k",
+         "matches_reference or twice_torchs or half_inputs or deterministic"],
+        env={**os.environ, "FEWSTEP_CPU_ISA": "baseline"}, cwd=Path(__file__).parents[2], capture_output=True,
+        text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout
 
 
 @pytest.mark.parametrize("c", [CASES[2], CASES[6]], ids=case_id)
