@@ -102,10 +102,11 @@ def test_gradcheck_through_module_and_pooled_weights():
     assert torch.autograd.gradcheck(run, (q, k, v, weight))
 
 
-def test_compiles_fullgraph():
-    grid, n_text = (3, 5), 2
-    q, k, v = _qkv(1, 2, 2, n_text + 15, 8, dtype=torch.float32)
-    module = LocalWindowAttention(window=(1, 1), grid=grid, n_text=n_text, pooled_kv_factor=None)
+@pytest.mark.parametrize("pooled_kv_factor", [None, 2])
+def test_compiles_fullgraph(pooled_kv_factor):
+    grid, n_text = (4, 6), 2
+    q, k, v = _qkv(1, 2, 2, n_text + 24, 8, dtype=torch.float32)
+    module = LocalWindowAttention(window=(1, 1), grid=grid, n_text=n_text, pooled_kv_factor=pooled_kv_factor)
     compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(q, k, v), module(q, k, v))
 
