@@ -181,7 +181,6 @@ void check_cpu(const at::Tensor& q) {
   TORCH_CHECK_VALUE(q.device().is_cpu(), "q: expected a CPU tensor for the CPU kernel, got ", q.device());
 }
 
-
 std::tuple<at::Tensor, at::Tensor> local_window_attention_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& extra_k,
     const c10::optional<at::Tensor>& extra_v, int64_t grid_h, int64_t grid_w, int64_t n_text, double radius,
