@@ -12,6 +12,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
+import clear_gpu  # noqa: E402
 import dmd_loss_gpu  # noqa: E402
 import ema_gpu  # noqa: E402
 import sampler_step_gpu  # noqa: E402
@@ -22,7 +23,8 @@ SUITES = {"sampler_step": lambda rec, c: sampler_step_gpu.run(rec, c["copy_GBps"
           "loop4": lambda rec, c: samplers_gpu.run(rec),
           "sara": lambda rec, c: sara_gpu.run(rec, c["copy_GBps"]),
           "ema": lambda rec, c: ema_gpu.run(rec, c["copy_GBps"]),
-          "dmd_loss": lambda rec, c: dmd_loss_gpu.run(rec)}
+          "dmd_loss": lambda rec, c: dmd_loss_gpu.run(rec),
+          "clear": lambda rec, c: clear_gpu.run(rec)}
 
 
 def main():
@@ -50,7 +52,8 @@ def main():
                     "CUDA-event medians of whole training steps (forward, backward, optimizer step, zero_grad); "
                     "peak_GiB is torch.cuda.max_memory_allocated over the timed steps minus what was allocated before the config was built. "
                     "dmd_loss times are forward + backward; transient_buffers is the peak above the inputs and x.grad, "
-                    "in input-sized buffers.")
+                    "in input-sized buffers. clear_layer: one FLUX single-stream attention layer (projections, "
+                    "RoPE, attention), x_dense = the dense layer's time over the row's.")
     print("wrote", stem + ".json")
 
 
