@@ -243,6 +243,7 @@ class SelfLocalAttnProcessor(_LocalProcessor):
         return out / attn.rescale_output_factor
 
 
+_FLUX_PROCESSORS = ("FluxAttnProcessor",)  # FluxAttention's processor since diffusers 0.35
 _JOINT_PROCESSORS = ("JointAttnProcessor2_0",)
 _SELF_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
 
@@ -250,7 +251,7 @@ _SELF_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
 def _processor_class(name: str, module: nn.Module) -> Optional[type]:
     """The local processor for one attention module; None to keep it dense (cross-attention)."""
     processor = type(module.processor).__name__
-    if type(module).__name__ == "FluxAttention":
+    if processor in _FLUX_PROCESSORS:
         return FluxLocalAttnProcessor
     if processor in _JOINT_PROCESSORS:
         return JointLocalAttnProcessor

@@ -234,6 +234,11 @@ def test_conversion_errors_are_named():
     with pytest.raises(TypeError, match="got CustomProcessor at 'transformer_blocks.1.attn1'"):
         clear.convert(model)
 
+    flux = _flux()
+    flux.single_transformer_blocks[0].attn.set_processor(CustomProcessor())  # e.g. an IP-Adapter's
+    with pytest.raises(TypeError, match="got CustomProcessor at 'single_transformer_blocks.0.attn'"):
+        clear.convert(flux)
+
     attn = clear.convert(_flux(), radius=2).transformer_blocks[0].attn  # used before any model forward
     with pytest.raises(ValueError, match="grid: expected the token grid of this call, got None"):
         attn(hidden_states=torch.randn(1, 4, 32, dtype=DT), encoder_hidden_states=torch.randn(1, 2, 32, dtype=DT))
