@@ -1,5 +1,5 @@
-"""fewstep.clear on the GPU: a converted FLUX transformer in bf16/fp16 (the GPU kernel) against the
-same converted model in float64 on the CPU, and a CLEAR training step without host syncs."""
+"""fewstep.clear on the GPU: converted FLUX and SD3 transformers in bf16/fp16 (the GPU kernel) against
+the same converted models in float64 on the CPU, and a CLEAR training step without host syncs."""
 from __future__ import annotations
 
 import copy
@@ -38,6 +38,22 @@ def _inputs(batch=2, seed=1):
                 img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(N_TEXT, 3))
 
 
+def _sd3():
+    torch.manual_seed(0)  # head dim 64; block 0 has SD3.5's attn2, the last block is context_pre_only
+    return diffusers.SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=8, num_layers=2, attention_head_dim=64, num_attention_heads=2,
+        joint_attention_dim=32, caption_projection_dim=128, pooled_projection_dim=32, out_channels=8,
+        pos_embed_max_size=32, dual_attention_layers=(0,))
+
+
+def _sd3_inputs(batch=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(batch, 8, 2 * GRID[0], 2 * GRID[1], generator=g),
+                encoder_hidden_states=torch.randn(batch, N_TEXT, 32, generator=g),
+                pooled_projections=torch.randn(batch, 32, generator=g),
+                timestep=torch.rand(batch, generator=g) * 1000)
+
+
 def _to(inputs, device, dtype):
     return {k: v.to(device, dtype) for k, v in inputs.items()}
 
@@ -70,6 +86,22 @@ def test_converted_flux_on_gpu_matches_float64(dtype, pooled_kv_factor):
     gpu = _to(inputs, DEVICE, dtype)
     out, grad = _forward_and_input_grad(model, gpu, weight.to(DEVICE))  # the GPU kernel (auto backend)
     torch_out, torch_grad = _same_in_torch(model, gpu, weight.to(DEVICE), pooled_kv_factor)
+    assert_close_to_reference(out.cpu(), ref_out, torch_out.cpu(), f"output ({dtype})")
+    assert_close_to_reference(grad.cpu(), ref_grad, torch_grad.cpu(), f"d hidden_states ({dtype})")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_converted_sd3_on_gpu_matches_float64(dtype):
+    inputs = _sd3_inputs()
+    model64 = clear.convert(_sd3().double(), radius=RADIUS)
+    model = copy.deepcopy(model64).to(DEVICE, dtype)
+    weight = torch.randn(inputs["hidden_states"].shape, generator=torch.Generator().manual_seed(2),
+                         dtype=torch.float64)
+    ref_out, ref_grad = _forward_and_input_grad(model64, _to(inputs, "cpu", torch.float64), weight)
+    gpu = _to(inputs, DEVICE, dtype)
+    out, grad = _forward_and_input_grad(model, gpu, weight.to(DEVICE))
+    with fewstep.backend("reference"):  # dense masked attention in PyTorch (float32 inside)
+        torch_out, torch_grad = _forward_and_input_grad(model, gpu, weight.to(DEVICE))
     assert_close_to_reference(out.cpu(), ref_out, torch_out.cpu(), f"output ({dtype})")
     assert_close_to_reference(grad.cpu(), ref_grad, torch_grad.cpu(), f"d hidden_states ({dtype})")
 
