@@ -292,6 +292,21 @@ def test_recipe_trains_only_attention_projections():
     assert all(not v.requires_grad for v in logs.values())
 
 
+def test_recipe_on_sd3():
+    grid, n_text = (3, 5), 4
+    method = clear.ClearDistillation(_sd3(), radius=2, timestep_sampling="logit_normal", shift=3.0)
+    inputs = _sd3_inputs(grid, n_text)
+    x0 = inputs.pop("hidden_states")
+    inputs.pop("timestep")
+    loss, logs = method.loss("student", {"x0": x0, "cond": inputs}, 0)
+    loss.backward()
+    assert torch.isfinite(loss) and logs["loss_attn"] > 0 and logs["loss_distill"] > 0
+    student = method.student.model.transformer
+    for name in clear.converted_attention(student):  # 3 joint attentions and SD3.5's attn2
+        assert student.get_submodule(name).to_q.weight.grad.abs().sum() > 0, name
+    assert len(clear.converted_attention(student)) == 4
+
+
 def test_recipe_without_context_projections_is_clears_released_set():
     method = clear.ClearDistillation(_flux(), radius=2, train_context_projections=False)
     names = {n for n, p in method.student.named_parameters() if p.requires_grad}
