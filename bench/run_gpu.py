@@ -15,6 +15,7 @@ import common  # noqa: E402
 import clear_gpu  # noqa: E402
 import dmd_loss_gpu  # noqa: E402
 import ema_gpu  # noqa: E402
+import local_window_attention_gpu  # noqa: E402
 import sampler_step_gpu  # noqa: E402
 import samplers_gpu  # noqa: E402
 import sara_gpu  # noqa: E402
@@ -24,7 +25,8 @@ SUITES = {"sampler_step": lambda rec, c: sampler_step_gpu.run(rec, c["copy_GBps"
           "sara": lambda rec, c: sara_gpu.run(rec, c["copy_GBps"]),
           "ema": lambda rec, c: ema_gpu.run(rec, c["copy_GBps"]),
           "dmd_loss": lambda rec, c: dmd_loss_gpu.run(rec),
-          "clear": lambda rec, c: clear_gpu.run(rec)}
+          "clear": lambda rec, c: clear_gpu.run(rec),
+          "local_window_attention": lambda rec, c: local_window_attention_gpu.run(rec)}
 
 
 def main():
@@ -53,7 +55,10 @@ def main():
                     "peak_GiB is torch.cuda.max_memory_allocated over the timed steps minus what was allocated before the config was built. "
                     "dmd_loss times are forward + backward; transient_buffers is the peak above the inputs and x.grad, "
                     "in input-sized buffers. clear_layer: one FLUX single-stream attention layer (projections, "
-                    "RoPE, attention), x_dense = the dense layer's time over the row's.")
+                    "RoPE, attention), x_dense = the dense layer's time over the row's. local_window_attention: "
+                    "useful_TFLOPs counts only the query-key pairs the mask admits (dense SDPA: all pairs); "
+                    "'fewstep first call' is the wall time of the first call at a new resolution, with the "
+                    "number of Triton kernels it compiled.")
     print("wrote", stem + ".json")
 
 
