@@ -1,11 +1,11 @@
 // Local-window (CLEAR) attention: op schemas, argument checks and the CPU kernels.
 //
 // Forward, per block of queries: scores of the admitted keys (rows and spans, never all N), then
-// softmax and the weighted sum of values; lse = max + log(sum). Backward recomputes
-// P = exp(S - lse): a query pass writes dQ and delta = rowsum(dO * O), then a key pass writes dK
-// and dV, each key summing over the queries that attend it in a fixed order (no atomics, no
-// partial buffers), so results do not depend on the thread count. Kernels:
-// local_window_attention_cpu.inc.
+// softmax and the weighted sum of values; lse = max + log(sum). Backward: a query pass recomputes
+// the probabilities as the forward made them and writes dQ, delta = rowsum(dO * O) and each row's
+// max and sum; then a key pass writes dK and dV, each key summing over the queries that attend it
+// in a fixed order (no atomics, no partial buffers), so results do not depend on the thread
+// count. Kernels: local_window_attention_cpu.inc.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -93,7 +93,7 @@ at::ScalarType compute_type(const at::Tensor& q) { return q.scalar_type() == at:
 
 struct Prepared {
   Params params;
-  at::Tensor q, k, v, extra_k, extra_v, out, lse, grad_out, dq, dk, dv, dextra_k, dextra_v, delta;
+  at::Tensor q, k, v, extra_k, extra_v, out, lse, grad_out, dq, dk, dv, dextra_k, dextra_v, delta, row_max, row_inv_sum;
 };
 
 // Checks shared by both directions (the Python mirror, used by the fake, Triton and reference
@@ -217,8 +217,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_win
   check_cpu(q);
   s.grad_out = grad_out.to(ct).contiguous();
   s.out = out.to(ct).contiguous();
-  s.lse = lse.contiguous();
-  s.delta = at::empty_like(s.lse);
+  // lse is checked but not read: the kernel recomputes each row's max and sum (see the kernel)
+  s.delta = at::empty({q.size(0), q.size(1), q.size(2)}, s.q.options());
+  s.row_max = at::empty_like(s.delta);
+  s.row_inv_sum = at::empty_like(s.delta);
   s.dq = at::empty_like(s.q);
   s.dk = at::empty_like(s.k);
   s.dv = at::empty_like(s.k);
@@ -228,8 +230,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_win
   Params& p = s.params;
   p.grad_out = s.grad_out.const_data_ptr();
   p.out = const_cast<void*>(s.out.const_data_ptr());  // read only by the backward
-  p.lse = const_cast<void*>(s.lse.const_data_ptr());
   p.delta = s.delta.mutable_data_ptr();
+  p.row_max = s.row_max.mutable_data_ptr();
+  p.row_inv_sum = s.row_inv_sum.mutable_data_ptr();
   p.dq = s.dq.mutable_data_ptr();
   p.dk = s.dk.mutable_data_ptr();
   p.dv = s.dv.mutable_data_ptr();

@@ -30,14 +30,18 @@ struct Params {
   const void* extra_k;  // null when E == 0
   const void* extra_v;
   void* out;        // written by the forward, read by the backward
-  void* lse;        // fp32, fp64 for fp64 inputs; written by the forward, read by the backward
+  void* lse;        // fp32, fp64 for fp64 inputs; written by the forward
   const void* grad_out;
   void* dq;
   void* dk;
   void* dv;
   void* dextra_k;
   void* dextra_v;
-  void* delta;      // backward scratch: rowsum(grad_out * out), dtype of lse
+  // backward scratch [B, heads, N], dtype of lse: rowsum(grad_out * out), and each query's score
+  // max and 1 / sum of exp(score - max), written by the query pass for the key pass
+  void* delta;
+  void* row_max;
+  void* row_inv_sum;
   DType dtype;      // of every tensor but lse/delta (the CPU glue passes fp16/bf16 as fp32)
   int64_t batch, heads, kv_heads, seq_len, n_extra, head_dim;
   int64_t grid_h, grid_w, n_text;

@@ -56,6 +56,8 @@ CASES = [
     Case(1, 1, 1, 3, (4, 9), 1, 1, window=(2, 0), noncontiguous=True),
     Case(2, 2, 2, 8, (7, 5), 3, 0, window=(10, 10)),  # the whole grid
     Case(1, 6, 2, 12, (6, 1), 0, 2, radius=2.5, noncontiguous=True),  # one column
+    # large logits (scale 1, D = 32: lse ~ 20), where an fp32 lse would cost ~1e-6 in every probability
+    Case(1, 2, 1, 32, (16, 12), 20, 4, radius=5.5, scale=1.0),
 ]
 
 
