@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import weakref
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -397,7 +397,8 @@ class ClearDistillation(DistillationMethod):
     attention, the context projections add_q/k/v_proj and to_add_out of joint blocks (unless
     ``train_context_projections=False``, CLEAR's released set) and the pooled K/V weights.
     ``attention_layers``: names of the converted attention modules whose outputs are matched
-    (default all; CLEAR's released code uses every fourth single-stream FLUX block).
+    (default all), or ``"clear"``: the FLUX single-stream attentions whose index among all
+    attentions is a multiple of 4, as CLEAR's released ``distill.py`` picks them.
     Noise levels: sigma = shift·u / (1 + (shift - 1)·u), u uniform or logit-normal.
     """
 
@@ -406,7 +407,7 @@ class ClearDistillation(DistillationMethod):
     def __init__(self, teacher: nn.Module, *, radius: Optional[float] = None,
                  window: Optional[tuple[int, int]] = None, grid: Optional[tuple[int, int]] = None,
                  pooled_kv_factor: Optional[int] = None, lambda_distill: float = 0.5, lambda_attn: float = 0.5,
-                 attention_layers: Optional[Sequence[str]] = None, train_context_projections: bool = True,
+                 attention_layers: Union[None, str, Sequence[str]] = None, train_context_projections: bool = True,
                  shift: float = 1.0, timestep_sampling: str = "uniform", logit_mean: float = 0.0,
                  logit_std: float = 1.0):
         super().__init__()
@@ -428,7 +429,13 @@ class ClearDistillation(DistillationMethod):
                 if isinstance(getattr(module, child, None), nn.Module):
                     getattr(module, child).requires_grad_(True)
             module.processor.requires_grad_(True)  # the pooled K/V weights, when there are some
-        layers = list(local) if attention_layers is None else list(attention_layers)
+        if attention_layers == "clear":  # the single-stream FLUX attentions CLEAR's distill.py matches
+            layers = [name for index, name in enumerate(local)
+                      if name.startswith("single_transformer_blocks.") and index % 4 == 0]
+        elif attention_layers is None or not isinstance(attention_layers, str):
+            layers = list(local) if attention_layers is None else list(attention_layers)
+        else:
+            raise ValueError(f"attention_layers: expected None, 'clear' or a list of names, got {attention_layers!r}")
         unknown = [name for name in layers if name not in local]
         if unknown or not layers:
             raise ValueError(f"attention_layers: expected names of converted attention modules (e.g. "

@@ -337,6 +337,19 @@ def test_recipe_attention_loss_is_the_mean_over_chosen_layers():
     with pytest.raises(ValueError, match=r"attention_layers: expected names of converted attention modules .*"
                                          r"got \['norm_out'\]"):
         clear.ClearDistillation(_flux(), radius=2, attention_layers=["norm_out"])
+    with pytest.raises(ValueError, match="attention_layers: expected None, 'clear' or a list of names, got 'all'"):
+        clear.ClearDistillation(_flux(), radius=2, attention_layers="all")
+
+
+def test_recipe_clear_layer_choice():
+    torch.manual_seed(0)
+    flux = diffusers.FluxTransformer2DModel(  # 2 double-stream + 7 single-stream attentions, indices 0..8
+        patch_size=1, in_channels=4, num_layers=2, num_single_layers=7, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=8, pooled_projection_dim=8, axes_dims_rope=(4, 6, 6))
+    method = clear.ClearDistillation(flux, radius=2, attention_layers="clear")
+    hooked = [name for name, m in method.student.model.transformer.named_modules()
+              if any(h is method.student_outputs for h in m._forward_hooks.values())]
+    assert hooked == ["single_transformer_blocks.2.attn", "single_transformer_blocks.6.attn"]
 
 
 def test_recipe_loss_decreases():
