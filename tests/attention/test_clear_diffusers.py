@@ -20,7 +20,8 @@ def _flux(seed=0, layers=2):
     torch.manual_seed(seed)
     return diffusers.FluxTransformer2DModel(
         patch_size=1, in_channels=4, num_layers=layers, num_single_layers=layers, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=8, pooled_projection_dim=8, guidance_embeds=False, axes_dims_rope=(4, 6, 6)).to(DT)
+        num_attention_heads=2, joint_attention_dim=8, pooled_projection_dim=8, guidance_embeds=False,
+        axes_dims_rope=(4, 6, 6)).to(DT)
 
 
 def _flux_inputs(grid, n_text, batch=2, seed=1):
