@@ -20,9 +20,8 @@ from fewstep.reference.local_window_attention import local_window_attention_refe
 OP = "local_window_attention"
 
 
-def _has_cpp_ops() -> bool:
-    """Whether fewstep._C registers the C++ ops (an extension built before them does not)."""
-    return _C is not None and hasattr(torch.ops.fewstep, OP)
+# Whether fewstep._C registers the C++ ops (an extension built before them does not).
+_HAS_CPP_OPS = _C is not None and hasattr(torch.ops.fewstep, OP)
 
 
 def _fake_forward(q, k, v, extra_k, extra_v, grid_h, grid_w, n_text, radius, window_h, window_w, scale):
@@ -58,7 +57,7 @@ def _autograd_backward(backward_op):
     return backward
 
 
-if _has_cpp_ops():
+if _HAS_CPP_OPS:
     torch.library.register_fake(f"fewstep::{OP}")(_fake_forward)
     torch.library.register_fake(f"fewstep::{OP}_backward")(_fake_backward)
     torch.library.register_autograd(f"fewstep::{OP}", _autograd_backward(torch.ops.fewstep.local_window_attention_backward),
@@ -124,7 +123,7 @@ def local_window_attention(
             extra_v=extra_v, scale=args[-1], dtype=lse_dtype_for(q.dtype))
     elif backend == "triton":
         out, lse = torch.ops.fewstep.local_window_attention_triton(*args)
-    elif backend == "cpu" and _has_cpp_ops():
+    elif backend == "cpu" and _HAS_CPP_OPS:
         out, lse = torch.ops.fewstep.local_window_attention(*args)
     else:
         raise _dispatch.BackendUnavailableError(
