@@ -11,7 +11,7 @@ import triton.language as tl
 # Runtime integer arguments that must not be specialised (Triton otherwise compiles separate
 # variants for values equal to 1 or divisible by 16): the pattern and the sizes.
 RUNTIME_INTS = ["heads", "group", "n_tokens", "n_text", "grid_h", "grid_w", "n_extra", "tiles_x",
-                "n_text_blocks", "n_image_tiles", "reach_y", "reach_x", "max_d2"]
+                "n_text_blocks", "n_image_tiles", "reach_y", "reach_x", "max_d2", "n_rows"]
 jit = functools.partial(triton.jit, do_not_specialize=RUNTIME_INTS)
 
 
@@ -159,7 +159,7 @@ def forward_kernel(Q, K, V, EK, EV, Out, Lse, heads, group, n_tokens, n_text, gr
     tl.store(Lse + bh.to(tl.int64) * n_tokens + rows, lse, mask=row_ok)
 
 
-@triton.jit
+@jit
 def delta_kernel(O, dO, Delta, n_rows, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
     """delta = rowsum(dO * O) in fp32, over the flattened [B*heads*N] rows."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
