@@ -52,13 +52,21 @@ def tile_inside(qy0, qy1, qx0, qx1, ky0, ky1, kx0, kx1, reach_y, reach_x, max_d2
 
 
 @triton.jit
-def online_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, key_ok, allowed, qk_scale, MASKED: tl.constexpr,
-                PRECISION: tl.constexpr):
-    """One key block of the online softmax (base-2 exponent); ``allowed`` [M, N] when MASKED."""
+def load_rows(base, rows, ok, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr):
+    """[len(rows), HEAD_DIM] of a row-major block; the pointers are built here, at the load, so
+    that only the 1-D row index stays live in registers across a loop body."""
+    ptrs = base + rows[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
     if MASKED:
-        k = tl.load(k_ptrs, mask=key_ok[:, None], other=0.0)
+        return tl.load(ptrs, mask=ok[:, None], other=0.0)
     else:
-        k = tl.load(k_ptrs)
+        return tl.load(ptrs)
+
+
+@triton.jit
+def online_step(acc, m_i, l_i, q, k_base, v_base, cols, key_ok, allowed, qk_scale, HEAD_DIM: tl.constexpr,
+                MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """One key block of the online softmax (base-2 exponent); ``allowed`` [M, N] when MASKED."""
+    k = load_rows(k_base, cols, key_ok, HEAD_DIM, MASKED)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if MASKED:
         s = tl.where(allowed, s, float("-inf"))
@@ -66,10 +74,7 @@ def online_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, key_ok, allowed, qk_scale, MAS
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if MASKED:
-        v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
-    else:
-        v = tl.load(v_ptrs)
+    v = load_rows(v_base, cols, key_ok, HEAD_DIM, MASKED)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, m_new, l_i
 
@@ -79,13 +84,11 @@ def attend_contiguous(acc, m_i, l_i, q, k_base, v_base, n_keys, qk_scale, BLOCK_
                       HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
     """Keys 0..n_keys of a contiguous [n, HEAD_DIM] block, all admitted."""
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
     for start in range(0, n_keys, BLOCK_N):
         cols = start + offs_n
         key_ok = cols < n_keys
-        ptrs = cols[:, None] * HEAD_DIM + offs_d[None, :]
-        acc, m_i, l_i = online_step(acc, m_i, l_i, q, k_base + ptrs, v_base + ptrs, key_ok,
-                                    key_ok[None, :], qk_scale, True, PRECISION)
+        acc, m_i, l_i = online_step(acc, m_i, l_i, q, k_base, v_base, cols, key_ok, key_ok[None, :], qk_scale,
+                                    HEAD_DIM, True, PRECISION)
     return acc, m_i, l_i
 
 
@@ -112,7 +115,7 @@ def forward_kernel(Q, K, V, EK, EV, Out, Lse, heads, group, n_tokens, n_text, gr
     if tile < n_text_blocks:  # text queries (first: they are the longest programs) see every key
         rows = tile * BLOCK_M + offs_m
         row_ok = rows < n_text
-        q = tl.load(q_base + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        q = load_rows(q_base, rows, row_ok, HEAD_DIM, True)
         acc, m_i, l_i = attend_contiguous(acc, m_i, l_i, q, k_base, v_base, n_tokens, qk_scale, BLOCK_N,
                                           HEAD_DIM, PRECISION)
     else:
@@ -123,7 +126,7 @@ def forward_kernel(Q, K, V, EK, EV, Out, Lse, heads, group, n_tokens, n_text, gr
         qx = qx0 + offs_m % TX
         row_ok = (qy < grid_h) & (qx < grid_w)
         rows = n_text + qy * grid_w + qx
-        q = tl.load(q_base + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        q = load_rows(q_base, rows, row_ok, HEAD_DIM, True)
         if HAS_TEXT:
             acc, m_i, l_i = attend_contiguous(acc, m_i, l_i, q, k_base, v_base, n_text, qk_scale, BLOCK_N,
                                               HEAD_DIM, PRECISION)
@@ -137,17 +140,16 @@ def forward_kernel(Q, K, V, EK, EV, Out, Lse, heads, group, n_tokens, n_text, gr
             for kx0 in range(tl.maximum(qx0 - dx_reach, 0), tl.minimum(qx1 + dx_reach + 1, grid_w), KX):
                 kx = kx0 + offs_n % KX
                 cols = n_text + ky * grid_w + kx
-                ptrs = cols[:, None] * HEAD_DIM + offs_d[None, :]
                 inside = tile_inside(qy0, qy1, qx0, qx1, ky0, ky0 + KY - 1, kx0, kx0 + KX - 1, reach_y,
                                      reach_x, max_d2, CIRCLE)
                 if inside & (ky0 + KY <= grid_h) & (kx0 + KX <= grid_w):
-                    acc, m_i, l_i = online_step(acc, m_i, l_i, q, k_base + ptrs, v_base + ptrs, cols < 0,
-                                                cols[None, :] < 0, qk_scale, False, PRECISION)
+                    acc, m_i, l_i = online_step(acc, m_i, l_i, q, k_base, v_base, cols, cols < 0, cols[None, :] < 0,
+                                                qk_scale, HEAD_DIM, False, PRECISION)
                 else:
                     key_ok = (ky < grid_h) & (kx < grid_w)
                     allowed = admitted(qy, qx, ky, kx, reach_y, reach_x, max_d2, CIRCLE) & key_ok[None, :]
-                    acc, m_i, l_i = online_step(acc, m_i, l_i, q, k_base + ptrs, v_base + ptrs, key_ok,
-                                                allowed, qk_scale, True, PRECISION)
+                    acc, m_i, l_i = online_step(acc, m_i, l_i, q, k_base, v_base, cols, key_ok, allowed, qk_scale,
+                                                HEAD_DIM, True, PRECISION)
         if HAS_EXTRA:
             e_off = kv_bh.to(tl.int64) * n_extra * HEAD_DIM
             acc, m_i, l_i = attend_contiguous(acc, m_i, l_i, q, EK + e_off, EV + e_off, n_extra, qk_scale,
@@ -174,10 +176,8 @@ def delta_kernel(O, dO, Delta, n_rows, HEAD_DIM: tl.constexpr, BLOCK: tl.constex
 def kv_grad_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, rows, row_ok, allowed, qk_scale,
                  HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
     """dK/dV contributions of one query block (rows) to a key block, in transposed form [keys, queries]."""
-    offs_d = tl.arange(0, HEAD_DIM)
-    ptrs = rows[:, None] * HEAD_DIM + offs_d[None, :]
-    q = tl.load(q_base + ptrs, mask=row_ok[:, None], other=0.0)
-    do = tl.load(do_base + ptrs, mask=row_ok[:, None], other=0.0)
+    q = load_rows(q_base, rows, row_ok, HEAD_DIM, True)
+    do = load_rows(do_base, rows, row_ok, HEAD_DIM, True)
     lse2 = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
     s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
@@ -227,9 +227,8 @@ def kv_grad_kernel(Q, K, V, EK, EV, dO, Lse, Delta, dK, dV, dEK, dEV, heads, gro
     if tile < n_text_blocks:  # text keys: every query row admits them
         cols = tile * BLOCK_N + offs_n
         col_ok = cols < n_text
-        ptrs = cols[:, None] * HEAD_DIM + offs_d[None, :]
-        k = tl.load(K + kv_off + ptrs, mask=col_ok[:, None], other=0.0)
-        v = tl.load(V + kv_off + ptrs, mask=col_ok[:, None], other=0.0)
+        k = load_rows(K + kv_off, cols, col_ok, HEAD_DIM, True)
+        v = load_rows(V + kv_off, cols, col_ok, HEAD_DIM, True)
         for g in range(group):
             bh = (b * heads + (kv_bh % kv_heads) * group + g).to(tl.int64)
             dk, dv = kv_grad_contiguous(dk, dv, k, v, Q + bh * n_tokens * HEAD_DIM,
@@ -246,9 +245,8 @@ def kv_grad_kernel(Q, K, V, EK, EV, dO, Lse, Delta, dK, dV, dEK, dEV, heads, gro
         kx = kx0 + offs_n % KX
         col_ok = (ky < grid_h) & (kx < grid_w)
         cols = n_text + ky * grid_w + kx
-        ptrs = cols[:, None] * HEAD_DIM + offs_d[None, :]
-        k = tl.load(K + kv_off + ptrs, mask=col_ok[:, None], other=0.0)
-        v = tl.load(V + kv_off + ptrs, mask=col_ok[:, None], other=0.0)
+        k = load_rows(K + kv_off, cols, col_ok, HEAD_DIM, True)
+        v = load_rows(V + kv_off, cols, col_ok, HEAD_DIM, True)
         ky1 = tl.minimum(ky0 + KY, grid_h) - 1
         kx1 = tl.minimum(kx0 + KX, grid_w) - 1
         for g in range(group):
@@ -285,9 +283,8 @@ def kv_grad_kernel(Q, K, V, EK, EV, dO, Lse, Delta, dK, dV, dEK, dEV, heads, gro
         cols = (tile - n_text_blocks - n_image_tiles) * BLOCK_N + offs_n
         col_ok = cols < n_extra
         e_off = kv_bh.to(tl.int64) * n_extra * HEAD_DIM
-        ptrs = cols[:, None] * HEAD_DIM + offs_d[None, :]
-        k = tl.load(EK + e_off + ptrs, mask=col_ok[:, None], other=0.0)
-        v = tl.load(EV + e_off + ptrs, mask=col_ok[:, None], other=0.0)
+        k = load_rows(EK + e_off, cols, col_ok, HEAD_DIM, True)
+        v = load_rows(EV + e_off, cols, col_ok, HEAD_DIM, True)
         for g in range(group):
             bh = (b * heads + (kv_bh % kv_heads) * group + g).to(tl.int64)
             dk, dv = kv_grad_contiguous(dk, dv, k, v, Q + bh * n_tokens * HEAD_DIM,
@@ -302,15 +299,11 @@ def kv_grad_kernel(Q, K, V, EK, EV, dO, Lse, Delta, dK, dV, dEK, dEV, heads, gro
 
 
 @triton.jit
-def q_grad_step(dq, q, do, lse2, delta, k_ptrs, v_ptrs, key_ok, allowed, qk_scale, MASKED: tl.constexpr,
-                PRECISION: tl.constexpr):
+def q_grad_step(dq, q, do, lse2, delta, k_base, v_base, cols, key_ok, allowed, qk_scale, HEAD_DIM: tl.constexpr,
+                MASKED: tl.constexpr, PRECISION: tl.constexpr):
     """dQ contribution of one key block (before the final multiplication by scale)."""
-    if MASKED:
-        k = tl.load(k_ptrs, mask=key_ok[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
-    else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
+    k = load_rows(k_base, cols, key_ok, HEAD_DIM, MASKED)
+    v = load_rows(v_base, cols, key_ok, HEAD_DIM, MASKED)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     p = tl.exp2(s - lse2[:, None])
     if MASKED:
@@ -324,13 +317,11 @@ def q_grad_step(dq, q, do, lse2, delta, k_ptrs, v_ptrs, key_ok, allowed, qk_scal
 def q_grad_contiguous(dq, q, do, lse2, delta, k_base, v_base, n_keys, qk_scale, BLOCK_N: tl.constexpr,
                       HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
     for start in range(0, n_keys, BLOCK_N):
         cols = start + offs_n
         key_ok = cols < n_keys
-        ptrs = cols[:, None] * HEAD_DIM + offs_d[None, :]
-        dq = q_grad_step(dq, q, do, lse2, delta, k_base + ptrs, v_base + ptrs, key_ok, key_ok[None, :],
-                         qk_scale, True, PRECISION)
+        dq = q_grad_step(dq, q, do, lse2, delta, k_base, v_base, cols, key_ok, key_ok[None, :], qk_scale,
+                         HEAD_DIM, True, PRECISION)
     return dq
 
 
@@ -364,9 +355,8 @@ def q_grad_kernel(Q, K, V, EK, EV, dO, Lse, Delta, dQ, heads, group, n_tokens, n
     else:
         row_ok = (qy < grid_h) & (qx < grid_w)
         rows = n_text + qy * grid_w + qx
-    ptrs = rows[:, None] * HEAD_DIM + offs_d[None, :]
-    q = tl.load(Q + q_off + ptrs, mask=row_ok[:, None], other=0.0)
-    do = tl.load(dO + q_off + ptrs, mask=row_ok[:, None], other=0.0)
+    q = load_rows(Q + q_off, rows, row_ok, HEAD_DIM, True)
+    do = load_rows(dO + q_off, rows, row_ok, HEAD_DIM, True)
     lse2 = tl.load(Lse + bh.to(tl.int64) * n_tokens + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(Delta + bh.to(tl.int64) * n_tokens + rows, mask=row_ok, other=0.0)
     if tile < n_text_blocks:
@@ -386,19 +376,18 @@ def q_grad_kernel(Q, K, V, EK, EV, dO, Lse, Delta, dQ, heads, group, n_tokens, n
             for kx0 in range(tl.maximum(qx0 - dx_reach, 0), tl.minimum(qx1 + dx_reach + 1, grid_w), KX):
                 kx = kx0 + offs_n % KX
                 cols = n_text + ky * grid_w + kx
-                kv_ptrs = cols[:, None] * HEAD_DIM + offs_d[None, :]
                 inside = tile_inside(qy0, qy1, qx0, qx1, ky0, ky0 + KY - 1, kx0, kx0 + KX - 1, reach_y,
                                      reach_x, max_d2, CIRCLE)
                 if inside & (ky0 + KY <= grid_h) & (kx0 + KX <= grid_w):
-                    dq = q_grad_step(dq, q, do, lse2, delta, k_base + kv_ptrs, v_base + kv_ptrs, cols < 0,
-                                     cols[None, :] < 0, qk_scale, False, PRECISION)
+                    dq = q_grad_step(dq, q, do, lse2, delta, k_base, v_base, cols, cols < 0, cols[None, :] < 0,
+                                     qk_scale, HEAD_DIM, False, PRECISION)
                 else:
                     key_ok = (ky < grid_h) & (kx < grid_w)
                     allowed = admitted(qy, qx, ky, kx, reach_y, reach_x, max_d2, CIRCLE) & key_ok[None, :]
-                    dq = q_grad_step(dq, q, do, lse2, delta, k_base + kv_ptrs, v_base + kv_ptrs, key_ok,
-                                     allowed, qk_scale, True, PRECISION)
+                    dq = q_grad_step(dq, q, do, lse2, delta, k_base, v_base, cols, key_ok, allowed, qk_scale,
+                                     HEAD_DIM, True, PRECISION)
         if HAS_EXTRA:
             e_off = kv_bh.to(tl.int64) * n_extra * HEAD_DIM
             dq = q_grad_contiguous(dq, q, do, lse2, delta, EK + e_off, EV + e_off, n_extra, qk_scale, BLOCK_N,
                                    HEAD_DIM, PRECISION)
-    tl.store(dQ + q_off + ptrs, (dq * scale).to(dQ.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(dQ + q_off + rows[:, None] * HEAD_DIM + offs_d[None, :], (dq * scale).to(dQ.dtype.element_ty), mask=row_ok[:, None])

@@ -40,30 +40,31 @@ class Tiles(NamedTuple):
     num_stages: int
 
 
+class KernelTiles(NamedTuple):
+    forward: Tiles
+    kv_grad: Tiles  # the query tile is the streamed one here
+    q_grad: Tiles
+
+
 def _interpreted() -> bool:
     import os
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def forward_tiles(head_dim: int) -> Tiles:
+def kernel_tiles(head_dim: int, dtype: torch.dtype) -> KernelTiles:
+    """Tile sizes per kernel, chosen so that the fp32 accumulators and the 16-bit operands fit in
+    registers (the dK/dV program holds dK, dV, K and V of its key tile; the dQ program dQ, Q, dO)."""
     if _interpreted():  # small tiles: several tiles per small test grid, fast on the CPU interpreter
-        return Tiles(4, 8, 2, 8, 4, 1)
+        return KernelTiles(Tiles(4, 8, 2, 8, 4, 1), Tiles(2, 8, 4, 8, 4, 1), Tiles(4, 8, 2, 8, 4, 1))
+    if dtype == torch.float32:  # IEEE fp32 dots run on FMA units: small tiles (fp32 is the accuracy mode)
+        warps = 4 if head_dim <= 64 else 8
+        return KernelTiles(Tiles(4, 8, 2, 8, warps, 1), Tiles(2, 8, 2, 8, warps, 1), Tiles(2, 8, 2, 8, warps, 1))
+    # 16-bit: the largest tiles that ptxas compiles for sm_90 without (or with < 32 bytes of) spills.
     if head_dim <= 64:
-        return Tiles(8, 16, 4, 16, 4, 3)
+        return KernelTiles(Tiles(8, 16, 4, 16, 8, 3), Tiles(4, 16, 2, 16, 4, 2), Tiles(8, 16, 2, 16, 8, 2))
     if head_dim <= 128:
-        return Tiles(8, 16, 4, 16, 8, 2)
-    return Tiles(4, 16, 2, 16, 8, 1)
-
-
-def backward_tiles(head_dim: int) -> Tiles:
-    """Tiles of the dK/dV and dQ kernels: the query tile is the inner (streamed) one in dK/dV."""
-    if _interpreted():
-        return Tiles(2, 8, 4, 8, 4, 1)
-    if head_dim <= 64:
-        return Tiles(4, 16, 8, 16, 4, 2)
-    if head_dim <= 128:
-        return Tiles(4, 16, 8, 16, 8, 2)
-    return Tiles(2, 16, 4, 16, 8, 1)
+        return KernelTiles(Tiles(8, 16, 2, 16, 8, 2), Tiles(4, 16, 2, 16, 8, 2), Tiles(8, 16, 2, 16, 8, 2))
+    return KernelTiles(Tiles(2, 16, 2, 16, 8, 1), Tiles(2, 16, 2, 16, 8, 1), Tiles(2, 16, 2, 16, 8, 1))
 
 
 @functools.cache
@@ -121,7 +122,7 @@ def local_window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     extra_v = extra_v.contiguous() if has_extra else v
     n_extra = extra_k.shape[2] if has_extra else 0
     pattern = _pattern(grid_h, grid_w, radius, window_h, window_w)
-    tiles = forward_tiles(head_dim)
+    tiles = kernel_tiles(head_dim, q.dtype).forward
     out = torch.empty_like(q)
     lse = q.new_empty(q.shape[:3], dtype=lse_dtype_for(q.dtype))
     tiles_x = triton.cdiv(grid_w, tiles.tx)
@@ -162,7 +163,7 @@ def local_window_attention_triton_backward(
         dextra_k = k.new_empty(batch, kv_heads, 0, head_dim)
         dextra_v = v.new_empty(batch, kv_heads, 0, head_dim)
     pattern = _pattern(grid_h, grid_w, radius, window_h, window_w)
-    tiles = backward_tiles(head_dim)
+    tiles, q_tiles = kernel_tiles(head_dim, q.dtype)[1:]
     precision = _precision(q.dtype)
     delta = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     n_rows = batch * heads * n_tokens
@@ -182,8 +183,6 @@ def local_window_attention_triton_backward(
             pattern.max_d2, scale * LOG2E, scale, HEAD_DIM=head_dim, TY=tiles.ty, TX=tiles.tx, KY=tiles.ky,
             KX=tiles.kx, CIRCLE=pattern.circle, HAS_TEXT=n_text > 0, PRECISION=precision,
             num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-        # dQ: query tiles as the forward's (TY x TX = block_n wide), streaming key tiles of block_m keys
-        q_tiles = forward_tiles(head_dim)
         q_tiles_x = triton.cdiv(grid_w, q_tiles.tx)
         n_text_query_blocks = triton.cdiv(n_text, q_tiles.ty * q_tiles.tx)
         n_q_programs = n_text_query_blocks + triton.cdiv(grid_h, q_tiles.ty) * q_tiles_x
