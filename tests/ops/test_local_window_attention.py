@@ -48,6 +48,7 @@ CASES = {
     "window extra batch 2": Case(2, 2, 2, 32, (4, 9), 0, n_extra=3, window=(1, 2)),
     "circle covers the grid": Case(1, 2, 1, 16, (3, 13), 2, radius=40.0),
     "window of one row": Case(1, 1, 1, 16, (5, 3), 0, window=(0, 1)),
+    "window wider than tiles": Case(1, 2, 1, 16, (9, 23), 1, window=(6, 20)),  # tiles entirely inside
     "one grid row, non-integer r^2": Case(1, 2, 2, 16, (1, 19), 4, n_extra=1, radius=math.sqrt(5)),
 }
 # The fp16 Triton runs (slow under the interpreter) take a subset that still has every feature.
@@ -246,3 +247,26 @@ def test_no_cuda_cpp_kernel_is_reported():
     good = _good()
     with fewstep.backend("cuda"), pytest.raises(fewstep.BackendUnavailableError, match="local_window_attention"):
         fewstep.local_window_attention(good["q"], good["k"], good["v"], grid=(5, 7), n_text=3, radius=2.0)
+
+
+@pytest.mark.skipif(not TRITON_HERE, reason="needs triton (under TRITON_INTERPRET=1 on CPU)")
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_triton_gpu_tile_sizes_under_interpreter(monkeypatch, head_dim):
+    """The 16-bit GPU tiles (8x16 query tiles, 2x16 and 4x16 key tiles), run by the interpreter."""
+    import fewstep.triton.local_window_attention as triton_lwa
+    monkeypatch.setattr(triton_lwa, "_interpreted", lambda: False)
+    case = Case(1, 2, 1, head_dim, (19, 37), 9, n_extra=3, radius=5.5)
+    inputs = make_inputs(case, torch.float16, seed=head_dim, requires_grad=True)
+    q, k, v, ek, ev = inputs
+    kwargs = dict(**case.kwargs(), extra_k=ek, extra_v=ev)
+    out, lse = run_op("triton", case, *inputs)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = torch.autograd.grad(out, list(inputs), grad_out.half())
+    ref_out, ref_lse = local_window_attention_reference(q, k, v, **kwargs)
+    same_out, same_lse = local_window_attention_reference(q, k, v, **kwargs, dtype=torch.float16)
+    assert_close_to_reference(out, ref_out, same_out, "out")
+    assert_close_to_reference(lse, ref_lse, same_lse, "lse")
+    ref = torch.autograd.grad(ref_out, list(inputs), grad_out)
+    same = torch.autograd.grad(same_out, list(inputs), grad_out.half())
+    for what, g, r, s in zip(["dq", "dk", "dv", "dextra_k", "dextra_v"], grads, ref, same):
+        assert_close_to_reference(g, r, s, what)
