@@ -11,7 +11,7 @@ programs of the same launch. Backward: delta = rowsum(dO*O), then one kernel for
 tile (looping over the query tiles that reach it, and over the heads of its GQA group) and one for
 dQ per query tile: every gradient element is written by one program, no atomics, so the backward
 is deterministic. Grid sizes, n_text, E and the radius are runtime scalars (not specialised), so
-a new resolution or radius does not recompile. Tile sizes are fixed per head dim (no autotuning:
+a new resolution or radius does not recompile. Tile sizes are fixed per head dim and dtype (no autotuning:
 Triton's interpreter cannot autotune and a tuning run per new shape would cost setup time).
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -30,6 +31,7 @@ from fewstep.ops.local_window_attention_checks import (check_backward_args, chec
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = (16, 32, 64, 128, 256)
 LOG2E = 1.4426950408889634
+
 
 class Tiles(NamedTuple):
     ty: int  # query tile rows (grid positions)
@@ -47,7 +49,6 @@ class KernelTiles(NamedTuple):
 
 
 def _interpreted() -> bool:
-    import os
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -117,7 +118,7 @@ def local_window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     batch, heads, n_tokens, head_dim = q.shape
     group = heads // k.shape[1]
-    has_extra = extra_k is not None and extra_k.shape[2] > 0
+    has_extra = extra_k is not None  # checked non-empty
     extra_k = extra_k.contiguous() if has_extra else k
     extra_v = extra_v.contiguous() if has_extra else v
     n_extra = extra_k.shape[2] if has_extra else 0
@@ -153,8 +154,8 @@ def local_window_attention_triton_backward(
     batch, heads, n_tokens, head_dim = q.shape
     kv_heads = k.shape[1]
     group = heads // kv_heads
-    n_extra = extra_k.shape[2] if extra_k is not None else 0
-    has_extra = n_extra > 0
+    has_extra = extra_k is not None  # checked non-empty
+    n_extra = extra_k.shape[2] if has_extra else 0
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if has_extra:
         extra_k, extra_v = extra_k.contiguous(), extra_v.contiguous()
