@@ -5,6 +5,7 @@ lengths and radii; deterministic backward; the torch.library contract on CUDA te
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -67,7 +68,7 @@ def make_inputs(case: Case, head_dim: int, dtype: torch.dtype, seed: int, requir
 @pytest.mark.parametrize("name", list(CASES))
 def test_forward_lse_and_gradients_match_reference(name, dtype, head_dim):
     case = CASES[name]
-    inputs = make_inputs(case, head_dim, dtype, seed=hash((name, head_dim)) % 2**31, requires_grad=True)
+    inputs = make_inputs(case, head_dim, dtype, seed=zlib.crc32(name.encode()) + head_dim, requires_grad=True)
     leaves = [t for t in inputs if t is not None]
     q, k, v, ek, ev = inputs
     kwargs = dict(**case.kwargs(), extra_k=ek, extra_v=ev)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import zlib
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -92,7 +93,7 @@ def run_op(backend: str, case: Case, q, k, v, extra_k, extra_v):
 @pytest.mark.parametrize("backend,dtype,name", RUNS)
 def test_forward_and_lse_match_reference(backend, dtype, name):
     case = CASES[name]
-    inputs = make_inputs(case, dtype, seed=hash(name) % 2**31)
+    inputs = make_inputs(case, dtype, seed=zlib.crc32(name.encode()))
     out, lse = run_op(backend, case, *inputs)
     assert out.shape == inputs[0].shape and out.dtype == dtype and out.is_contiguous()
     assert lse.shape == inputs[0].shape[:3] and lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
@@ -107,7 +108,7 @@ def test_forward_and_lse_match_reference(backend, dtype, name):
 @pytest.mark.parametrize("backend,dtype,name", [r for r in RUNS if r[0] != "reference"])
 def test_gradients_match_reference(backend, dtype, name):
     case = CASES[name]
-    inputs = make_inputs(case, dtype, seed=hash(name) % 2**31 + 1, requires_grad=True)
+    inputs = make_inputs(case, dtype, seed=zlib.crc32(name.encode()) + 1, requires_grad=True)
     leaves = [t for t in inputs if t is not None]
     grad_out = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     out, lse = run_op(backend, case, *inputs)
