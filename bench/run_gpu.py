@@ -13,11 +13,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import adamw_gpu  # noqa: E402
 import common  # noqa: E402
+import clear_gpu  # noqa: E402
 import distill_losses_gpu  # noqa: E402
 import distill_methods_gpu  # noqa: E402
 import dmd_loss_gpu  # noqa: E402
 import ema_gpu  # noqa: E402
 import lcd_guided_gpu  # noqa: E402
+import local_window_attention_gpu  # noqa: E402
 import sampler_step_gpu  # noqa: E402
 import samplers_gpu  # noqa: E402
 import sara_gpu  # noqa: E402
@@ -32,7 +34,9 @@ SUITES = {"sampler_step": lambda rec, c: sampler_step_gpu.run(rec, c["copy_GBps"
           "distill_methods": lambda rec, c: distill_methods_gpu.run(rec),
           "distill_losses": lambda rec, c: distill_losses_gpu.run(rec),
           "lcd_guided": lambda rec, c: lcd_guided_gpu.run(rec),
-          "adamw": lambda rec, c: adamw_gpu.run(rec, c["copy_GBps"])}
+          "adamw": lambda rec, c: adamw_gpu.run(rec, c["copy_GBps"]),
+          "clear": lambda rec, c: clear_gpu.run(rec),
+          "local_window_attention": lambda rec, c: local_window_attention_gpu.run(rec)}
 
 
 def main():
@@ -69,7 +73,12 @@ def main():
                     "distill_losses times are forward + backward of each loss head (LCD: the "
                     "teacher step under no_grad, then the consistency loss). "
                     "adamw pct_of_floor: the one-pass traffic floor (36 B per fp32 "
-                    "parameter for AdamW + EMA, 28 B for AdamW alone) at the copy bandwidth over the median time.")
+                    "parameter for AdamW + EMA, 28 B for AdamW alone) at the copy bandwidth over the median time. "
+                    "clear_layer: one FLUX single-stream attention layer (projections, "
+                    "RoPE, attention), x_dense = the dense layer's time over the row's. local_window_attention: "
+                    "useful_TFLOPs counts only the query-key pairs the mask admits (dense SDPA: all pairs); "
+                    "'fewstep first call' is the wall time of the first call at a new resolution, with the "
+                    "number of Triton kernels it compiled.")
     print("wrote", stem + ".json")
 
 

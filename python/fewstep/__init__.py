@@ -11,14 +11,15 @@ except ImportError as e:  # reported by the dispatcher when a compiled backend i
     _C_error = f"{type(e).__name__}: {e}"
 
 from fewstep._dispatch import BACKENDS, BackendUnavailableError, backend
-from fewstep import finetune, losses, ops, optim, samplers
+from fewstep import attention, finetune, losses, ops, optim, samplers
 from fewstep.ops.ema import ema_update_
+from fewstep.ops.local_window_attention import local_window_attention
 from fewstep.denoiser import Denoiser, FlowSchedule, Prediction, VPSchedule
 from fewstep import train  # after ema_update_, which the trainer calls
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "Denoiser", "FlowSchedule", "Prediction", "VPSchedule", "backend", "build_info", "ema_update_", "finetune", "losses", "ops", "optim", "samplers", "train"]
+__all__ = ["BACKENDS", "BackendUnavailableError", "Denoiser", "FlowSchedule", "Prediction", "VPSchedule", "attention", "backend", "build_info", "ema_update_", "finetune", "local_window_attention", "losses", "ops", "optim", "samplers", "train"]
 
 
 def build_info() -> dict:

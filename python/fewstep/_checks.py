@@ -5,6 +5,7 @@ was given, so a bad call never reaches a kernel.
 """
 from __future__ import annotations
 
+import decimal
 import math
 from typing import Iterable, Optional
 
@@ -48,3 +49,25 @@ def check_index(name: str, index: int, length: int) -> None:
         raise TypeError(f"{name}: expected an int step index, got {type(index).__name__}")
     if not 0 <= index < length:
         raise IndexError(f"{name}: expected a step index in [0, {length}), got {index}")
+
+
+def number_repr(value: float) -> str:
+    """``value`` spelled as the C++ checks spell it (``double_repr`` in csrc/fewstep/checks.h, that is
+    std::to_chars: the shortest round-trip digits, fixed or scientific, whichever is shorter), so
+    that a Python check and its C++ twin print the same message ("1" for 1.0, "1e-05", "inf")."""
+    value = float(value)
+    if not math.isfinite(value):
+        return repr(value)
+    sign, digits, exponent = decimal.Decimal(repr(value)).normalize().as_tuple()
+    digits = "".join(map(str, digits))
+    point = len(digits) + exponent  # position of the decimal point after the first digits
+    if exponent >= 0:
+        fixed = digits + "0" * exponent
+    elif point > 0:
+        fixed = digits[:point] + "." + digits[point:]
+    else:
+        fixed = "0." + "0" * -point + digits
+    power = point - 1
+    scientific = (digits[0] + ("." + digits[1:] if len(digits) > 1 else "")
+                  + f"e{'+' if power >= 0 else '-'}{abs(power):02d}")
+    return ("-" if sign else "") + (fixed if len(fixed) <= len(scientific) else scientific)

@@ -1,0 +1,175 @@
+"""GPU benchmark of local-window (CLEAR) attention, bf16, B=1, 24 heads, D=128 (issue 4's table):
+fewstep.local_window_attention against FlexAttention compiled with CLEAR's raster-order 128-token
+block mask, FlexAttention with a 2-D-tiled token order (image tokens only) and dense SDPA.
+
+Times are medians of many runs after warm-up (triton.testing.do_bench, L2 flushed), forward and
+forward + backward. useful_TFLOPs counts only the query-key pairs the pattern admits: 4*D per pair
+and head for the forward, 2.5x that for forward + backward (dense SDPA: every pair). fewstep also
+reports the first-call time of a resolution it has not seen (setup_ms) and whether that call
+compiled a kernel. Each provider is guarded: one that fails prints its error and the others still
+report."""
+from __future__ import annotations
+
+import math
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+from common import gpu_median_ms
+
+SUITE = "local_window_attention"
+HEADS, HEAD_DIM, DTYPE = 24, 128, torch.bfloat16
+# (image grid side, text tokens, radius, time the backward too)
+CASES = [(64, 512, 16, True), (64, 512, 8, True), (128, 512, 16, True), (128, 512, 8, True), (256, 512, 16, False)]
+TILE_Y, TILE_X = 8, 16  # FlexAttention's 2-D-tiled order: 128-token blocks of 8 x 16 grid positions
+
+
+def max_sq_distance(radius: float) -> int:
+    """The largest integer squared distance d^2 < radius^2 (CLEAR's strict circle)."""
+    return math.ceil(radius * radius) - 1
+
+
+def admitted_image_pairs(h: int, w: int, radius: float) -> int:
+    """Image query-key pairs within the circle on an h x w grid, border clipping included."""
+    max_d2 = max_sq_distance(radius)
+    reach = math.isqrt(max_d2)
+    total = 0
+    for dy in range(-reach, reach + 1):
+        dx_reach = math.isqrt(max_d2 - dy * dy)
+        rows = max(h - abs(dy), 0)
+        total += rows * sum(max(w - abs(dx), 0) for dx in range(-dx_reach, dx_reach + 1))
+    return total
+
+
+def admitted_pairs(h: int, w: int, n_text: int, radius: float) -> int:
+    """Pairs of CLEAR's mask: text queries see all N keys, image queries every text key and their circle."""
+    n = n_text + h * w
+    return n_text * n + h * w * n_text + admitted_image_pairs(h, w, radius)
+
+
+def clear_mask_mod(h: int, w: int, n_text: int, radius: float):
+    """CLEAR's mask over raster-ordered ``[text | image]`` tokens, as a FlexAttention mask_mod."""
+    max_d2 = max_sq_distance(radius)
+
+    def mask_mod(b, head, q_idx, kv_idx):
+        qi, ki = q_idx - n_text, kv_idx - n_text
+        dy, dx = qi // w - ki // w, qi % w - ki % w
+        return (q_idx < n_text) | (kv_idx < n_text) | (dy * dy + dx * dx <= max_d2)
+    return mask_mod
+
+
+def tiled_mask_mod(h: int, w: int, radius: float):
+    """The circle over image tokens stored tile by tile (TILE_Y x TILE_X positions per 128-token block)."""
+    max_d2 = max_sq_distance(radius)
+    tiles_x = w // TILE_X
+
+    def coords(idx):
+        tile, within = idx // (TILE_Y * TILE_X), idx % (TILE_Y * TILE_X)
+        return (tile // tiles_x) * TILE_Y + within // TILE_X, (tile % tiles_x) * TILE_X + within % TILE_X
+
+    def mask_mod(b, head, q_idx, kv_idx):
+        qy, qx = coords(q_idx)
+        ky, kx = coords(kv_idx)
+        return (qy - ky) * (qy - ky) + (qx - kx) * (qx - kx) <= max_d2
+    return mask_mod
+
+
+def _time(fn, with_backward: bool, inputs):
+    """(forward ms, forward+backward ms or None) of fn(*inputs)."""
+    with torch.no_grad():
+        fwd = gpu_median_ms(lambda: fn(*inputs))
+    if not with_backward:
+        return fwd, None
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    grad = torch.randn_like(fn(*inputs))
+
+    def step():
+        torch.autograd.grad(fn(*leaves), leaves, grad)
+    return fwd, gpu_median_ms(step)
+
+
+def _record(rec, case, provider, times, flops_fwd):
+    fwd, both = times
+    rec.add(SUITE, case, provider + " fwd", DTYPE, fwd, "useful_TFLOPs", flops_fwd / (fwd * 1e-3) / 1e12)
+    if both is not None:
+        rec.add(SUITE, case, provider + " fwd+bwd", DTYPE, both, "useful_TFLOPs",
+                2.5 * flops_fwd / (both * 1e-3) / 1e12)
+
+
+def _guarded(case, provider, body):
+    try:
+        body()
+    except Exception as e:  # noqa: BLE001  (one failing provider must not lose the others' numbers)
+        print(f"{SUITE}: {case}: {provider} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+              flush=True)
+        traceback.print_exc()
+    finally:
+        torch.cuda.empty_cache()
+
+
+def run(rec):
+    import fewstep
+    from fewstep.triton.local_window_attention import compiled_kernel_count
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    # Warm fewstep's kernels (compiled once, for every grid and radius) at a shape outside the table.
+    warm = torch.randn(1, HEADS, 7 + 5 * 9, HEAD_DIM, device="cuda", dtype=DTYPE, requires_grad=True)
+    fewstep.local_window_attention(warm, warm, warm, grid=(5, 9), n_text=7, radius=3.0).sum().backward()
+    torch.cuda.synchronize()
+    for side, n_text, radius, with_backward in CASES:
+        h = w = side
+        n = n_text + h * w
+        case = f"{h}x{w}+{n_text} r={radius}"
+        pairs = admitted_pairs(h, w, n_text, radius)
+        flops = 4 * HEAD_DIM * pairs * HEADS
+        print(f"{SUITE}: {case}: N={n}, admitted pairs {pairs} ({100 * pairs / n ** 2:.1f}% of dense)", flush=True)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(1, HEADS, n, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen) for _ in range(3))
+
+        def fewstep_provider():
+            before = compiled_kernel_count()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            fewstep.local_window_attention(q, k, v, grid=(h, w), n_text=n_text, radius=radius)
+            torch.cuda.synchronize()
+            setup_ms = (time.perf_counter() - start) * 1e3
+            rec.add(SUITE, case, "fewstep first call", DTYPE, setup_ms, "new_kernel_compiles",
+                    compiled_kernel_count() - before)
+
+            def attend(q, k, v):
+                return fewstep.local_window_attention(q, k, v, grid=(h, w), n_text=n_text, radius=radius)
+            _record(rec, case, "fewstep", _time(attend, with_backward, (q, k, v)), flops)
+
+        def flex_raster():
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            mask = create_block_mask(clear_mask_mod(h, w, n_text, radius), None, None, n, n, device="cuda",
+                                     BLOCK_SIZE=128, _compile=True)
+            torch.cuda.synchronize()
+            rec.add(SUITE, case, "flex raster: block mask build", DTYPE, (time.perf_counter() - start) * 1e3)
+
+            def attend(q, k, v):
+                return flex(q, k, v, block_mask=mask)
+            _record(rec, case, "flex raster (CLEAR)", _time(attend, with_backward, (q, k, v)), flops)
+
+        def flex_tiled():
+            mask = create_block_mask(tiled_mask_mod(h, w, radius), None, None, h * w, h * w, device="cuda",
+                                     BLOCK_SIZE=128, _compile=True)
+            image = [t[:, :, n_text:].contiguous() for t in (q, k, v)]  # the order only matters to the mask
+
+            def attend(q, k, v):
+                return flex(q, k, v, block_mask=mask)
+            _record(rec, case, "flex 2-D tiled, image only", _time(attend, with_backward, image),
+                    4 * HEAD_DIM * admitted_image_pairs(h, w, radius) * HEADS)
+
+        def dense():
+            _record(rec, case, "dense SDPA", _time(F.scaled_dot_product_attention, with_backward, (q, k, v)),
+                    4 * HEAD_DIM * n * n * HEADS)
+
+        for provider, body in (("fewstep", fewstep_provider), ("flex raster", flex_raster),
+                               ("flex tiled", flex_tiled), ("dense SDPA", dense)):
+            _guarded(case, provider, body)
+        del q, k, v

@@ -1,0 +1,202 @@
+"""Triton kernels of local-window (CLEAR) attention, as ``torch.ops.fewstep.local_window_attention_triton``
+and ``torch.ops.fewstep.local_window_attention_triton_backward``.
+
+Same schema and semantics as the C++ ops (:mod:`fewstep.reference.local_window_attention`).
+Design (docs/attention.md): FlashAttention-2 online softmax over 2-D query tiles of the image grid
+(TY x TX grid positions, row ``n_text + y*W + x`` computed in the kernel, no permutation copy);
+image keys are visited as KY x KX key tiles row by row, each key-tile row only over the columns
+the circle (or window) around the query tile can reach, and the element mask is applied only on
+tiles the pattern cuts. Text keys and extra keys are contiguous blocks; text queries are extra
+programs of the same launch. Backward: delta = rowsum(dO*O), then one kernel for dK/dV per key
+tile (looping over the query tiles that reach it, and over the heads of its GQA group) and one for
+dQ per query tile: every gradient element is written by one program, no atomics, so the backward
+is deterministic. Grid sizes, n_text, E and the radius are runtime scalars (not specialised), so
+a new resolution or radius does not recompile. Tile sizes are fixed per head dim and dtype (no autotuning:
+Triton's interpreter cannot autotune and a tuning run per new shape would cost setup time).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+from typing import NamedTuple, Optional
+
+import torch
+
+from fewstep import _checks
+from fewstep.ops.local_window_attention_checks import (check_backward_args, check_forward_args,
+                                                       lse_dtype_for)
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+HEAD_DIMS = (16, 32, 64, 128, 256)
+LOG2E = 1.4426950408889634
+
+
+class Tiles(NamedTuple):
+    ty: int  # query tile rows (grid positions)
+    tx: int  # query tile columns
+    ky: int  # key tile rows
+    kx: int  # key tile columns
+    num_warps: int
+    num_stages: int
+
+
+class KernelTiles(NamedTuple):
+    forward: Tiles
+    kv_grad: Tiles  # the query tile is the streamed one here
+    q_grad: Tiles
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def kernel_tiles(head_dim: int, dtype: torch.dtype) -> KernelTiles:
+    """Tile sizes per kernel, chosen so that the fp32 accumulators and the 16-bit operands fit in
+    registers (the dK/dV program holds dK, dV, K and V of its key tile; the dQ program dQ, Q, dO)."""
+    if _interpreted():  # small tiles: several tiles per small test grid, fast on the CPU interpreter
+        return KernelTiles(Tiles(4, 8, 2, 8, 4, 1), Tiles(2, 8, 4, 8, 4, 1), Tiles(4, 8, 2, 8, 4, 1))
+    if dtype == torch.float32:  # IEEE fp32 dots run on FMA units: small tiles (fp32 is the accuracy mode)
+        warps = 4 if head_dim <= 64 else 8
+        return KernelTiles(Tiles(4, 8, 2, 8, warps, 1), Tiles(2, 8, 2, 8, warps, 1), Tiles(2, 8, 2, 8, warps, 1))
+    # 16-bit: the largest tiles that ptxas compiles for sm_90 without (or with < 32 bytes of) spills.
+    if head_dim <= 64:
+        return KernelTiles(Tiles(8, 16, 4, 16, 8, 3), Tiles(4, 16, 2, 16, 4, 2), Tiles(8, 16, 2, 16, 8, 2))
+    if head_dim <= 128:
+        return KernelTiles(Tiles(8, 16, 2, 16, 8, 2), Tiles(4, 16, 2, 16, 8, 2), Tiles(8, 16, 2, 16, 8, 2))
+    return KernelTiles(Tiles(2, 16, 2, 16, 8, 1), Tiles(2, 16, 2, 16, 8, 1), Tiles(2, 16, 2, 16, 8, 1))
+
+
+@functools.cache
+def _kernels():
+    import triton
+    from fewstep.triton import _local_window_attention_kernels as kernels
+    return triton, kernels.forward_kernel, kernels.delta_kernel, kernels.kv_grad_kernel, kernels.q_grad_kernel
+
+
+def check_triton_args(q: torch.Tensor) -> None:
+    """What the Triton kernels add to the op's checks: no float64, a supported head dim."""
+    _checks.check_tensor("q", q, dtypes=DTYPES)
+    if q.dim() == 4 and q.shape[3] not in HEAD_DIMS:
+        raise ValueError(f"q: expected head dim (dim 3) in {list(HEAD_DIMS)} on the triton backend, got {q.shape[3]}")
+
+
+class _Pattern(NamedTuple):
+    circle: bool
+    reach_y: int  # how far the pattern reaches in y (and in x for a rectangle)
+    reach_x: int
+    max_d2: int  # circle: the largest admitted squared distance (integer form of d^2 < r^2)
+
+
+def _pattern(grid_h: int, grid_w: int, radius: float, window_h: int, window_w: int) -> _Pattern:
+    if window_h >= 0:
+        return _Pattern(False, min(window_h, grid_h), min(window_w, grid_w), 0)
+    # d^2 < r^2 for an integer d^2 is d^2 <= ceil(r^2) - 1 (r^2 in double, as the reference); capped by the
+    # grid's largest squared distance so that it fits the kernels' int32 arithmetic.
+    max_d2 = min(math.ceil(radius * radius) - 1, (grid_h - 1) ** 2 + (grid_w - 1) ** 2)
+    reach = math.isqrt(max_d2)
+    return _Pattern(True, reach, reach, max_d2)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs: no TF32 rounding in tl.dot
+
+
+def _device_guard(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+@torch.library.custom_op("fewstep::local_window_attention_triton", mutates_args=())
+def local_window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_k: Optional[torch.Tensor],
+                                  extra_v: Optional[torch.Tensor], grid_h: int, grid_w: int, n_text: int,
+                                  radius: float, window_h: int, window_w: int,
+                                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    check_triton_args(q)
+    check_forward_args(q, k, v, extra_k, extra_v, grid_h, grid_w, n_text, radius, window_h, window_w, scale)
+    triton, forward_kernel, *_ = _kernels()
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    batch, heads, n_tokens, head_dim = q.shape
+    group = heads // k.shape[1]
+    has_extra = extra_k is not None  # checked non-empty
+    extra_k = extra_k.contiguous() if has_extra else k
+    extra_v = extra_v.contiguous() if has_extra else v
+    n_extra = extra_k.shape[2] if has_extra else 0
+    pattern = _pattern(grid_h, grid_w, radius, window_h, window_w)
+    tiles = kernel_tiles(head_dim, q.dtype).forward
+    out = torch.empty_like(q)
+    lse = q.new_empty(q.shape[:3], dtype=lse_dtype_for(q.dtype))
+    tiles_x = triton.cdiv(grid_w, tiles.tx)
+    n_text_blocks = triton.cdiv(n_text, tiles.ty * tiles.tx)
+    n_programs = n_text_blocks + triton.cdiv(grid_h, tiles.ty) * tiles_x
+    with _device_guard(q):
+        forward_kernel[(n_programs, batch * heads)](
+            q, k, v, extra_k, extra_v, out, lse, heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x,
+            n_text_blocks, pattern.reach_y, pattern.reach_x, pattern.max_d2, scale * LOG2E,
+            HEAD_DIM=head_dim, TY=tiles.ty, TX=tiles.tx, KY=tiles.ky, KX=tiles.kx, CIRCLE=pattern.circle,
+            HAS_TEXT=n_text > 0, HAS_EXTRA=has_extra, PRECISION=_precision(q.dtype),
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    return out, lse
+
+
+@torch.library.custom_op("fewstep::local_window_attention_triton_backward", mutates_args=())
+def local_window_attention_triton_backward(
+        grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_k: Optional[torch.Tensor],
+        extra_v: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, grid_h: int, grid_w: int,
+        n_text: int, radius: float, window_h: int, window_w: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_triton_args(q)
+    check_backward_args(grad_out, q, k, v, extra_k, extra_v, out, lse, grid_h, grid_w, n_text, radius, window_h,
+                        window_w, scale)
+    triton, _, delta_kernel, kv_grad_kernel, q_grad_kernel = _kernels()
+    grad_out, q, k, v = grad_out.contiguous(), q.contiguous(), k.contiguous(), v.contiguous()
+    out, lse = out.contiguous(), lse.contiguous()
+    batch, heads, n_tokens, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    has_extra = extra_k is not None  # checked non-empty
+    n_extra = extra_k.shape[2] if has_extra else 0
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if has_extra:
+        extra_k, extra_v = extra_k.contiguous(), extra_v.contiguous()
+        dextra_k, dextra_v = torch.empty_like(extra_k), torch.empty_like(extra_v)
+    else:
+        dextra_k = k.new_empty(batch, kv_heads, 0, head_dim)
+        dextra_v = v.new_empty(batch, kv_heads, 0, head_dim)
+    pattern = _pattern(grid_h, grid_w, radius, window_h, window_w)
+    tiles, q_tiles = kernel_tiles(head_dim, q.dtype)[1:]
+    precision = _precision(q.dtype)
+    delta = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    n_rows = batch * heads * n_tokens
+    delta_block = max(16, 4096 // head_dim)
+    with _device_guard(q):
+        delta_kernel[(triton.cdiv(n_rows, delta_block),)](out, grad_out, delta, n_rows, HEAD_DIM=head_dim,
+                                                          BLOCK=delta_block)
+        block_m, block_n = tiles.ty * tiles.tx, tiles.ky * tiles.kx
+        key_tiles_x = triton.cdiv(grid_w, tiles.kx)
+        n_image_key_tiles = triton.cdiv(grid_h, tiles.ky) * key_tiles_x
+        n_text_key_blocks = triton.cdiv(n_text, block_n)
+        n_kv_programs = n_text_key_blocks + n_image_key_tiles + triton.cdiv(n_extra, block_n)
+        kv_grad_kernel[(n_kv_programs, batch * kv_heads)](
+            q, k, v, extra_k if has_extra else k, extra_v if has_extra else v, grad_out, lse, delta, dk, dv,
+            dextra_k if has_extra else dk, dextra_v if has_extra else dv, heads, group, n_tokens, n_text, grid_h,
+            grid_w, n_extra, key_tiles_x, n_text_key_blocks, n_image_key_tiles, pattern.reach_y, pattern.reach_x,
+            pattern.max_d2, scale * LOG2E, scale, HEAD_DIM=head_dim, TY=tiles.ty, TX=tiles.tx, KY=tiles.ky,
+            KX=tiles.kx, CIRCLE=pattern.circle, HAS_TEXT=n_text > 0, PRECISION=precision,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        q_tiles_x = triton.cdiv(grid_w, q_tiles.tx)
+        n_text_query_blocks = triton.cdiv(n_text, q_tiles.ty * q_tiles.tx)
+        n_q_programs = n_text_query_blocks + triton.cdiv(grid_h, q_tiles.ty) * q_tiles_x
+        q_grad_kernel[(n_q_programs, batch * heads)](
+            q, k, v, extra_k if has_extra else k, extra_v if has_extra else v, grad_out, lse, delta, dq, heads,
+            group, n_tokens, n_text, grid_h, grid_w, n_extra, q_tiles_x, n_text_query_blocks, pattern.reach_y,
+            pattern.reach_x, pattern.max_d2, scale * LOG2E, scale, HEAD_DIM=head_dim, TY=q_tiles.ty,
+            TX=q_tiles.tx, KY=q_tiles.ky, KX=q_tiles.kx, CIRCLE=pattern.circle, HAS_TEXT=n_text > 0,
+            HAS_EXTRA=has_extra, PRECISION=precision, num_warps=q_tiles.num_warps, num_stages=q_tiles.num_stages)
+    return dq, dk, dv, dextra_k, dextra_v
+
+
+def compiled_kernel_count() -> int:
+    """How many kernel variants Triton has compiled so far (0 under the interpreter): a new grid
+    size, text length or radius must not add any."""
+    return sum(len(cache[0]) for kernel in _kernels()[1:] for cache in getattr(kernel, "device_caches", {}).values())

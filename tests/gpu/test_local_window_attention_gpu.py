@@ -1,0 +1,186 @@
+"""fewstep.local_window_attention on the GPU (Triton kernels at their GPU tile sizes): forward, lse
+and gradients in bf16/fp16/fp32 against the float64 reference, error at most 2x that of the same
+dense masked computation done by PyTorch at the input dtype; no recompilation across grids, text
+lengths and radii; deterministic backward; the torch.library contract on CUDA tensors."""
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Optional
+
+import pytest
+import torch
+from helpers import HAS_CUDA, HAS_TRITON, assert_close_to_reference, poison_allocator
+
+import fewstep
+from fewstep.reference.local_window_attention import local_window_attention_reference
+
+pytestmark = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="no CUDA device (or no triton): GPU test skipped")
+
+
+@dataclass(frozen=True)
+class Case:
+    heads: int
+    kv_heads: int
+    grid: tuple[int, int]
+    n_text: int
+    n_extra: int = 0
+    radius: Optional[float] = None
+    window: Optional[tuple[int, int]] = None
+    batch: int = 1
+    noncontiguous: bool = False
+
+    @property
+    def seq_len(self) -> int:
+        return self.n_text + self.grid[0] * self.grid[1]
+
+    def kwargs(self) -> dict:
+        return dict(grid=self.grid, n_text=self.n_text, radius=self.radius, window=self.window)
+
+
+CASES = {  # odd grids (the GPU tiles are 8x16 queries and 4x16 or 8x16 keys)
+    "13x17 text extra gqa r4.5": Case(6, 2, (13, 17), 7, n_extra=5, radius=4.5, noncontiguous=True),
+    "13x17 window batch 2": Case(2, 2, (13, 17), 7, window=(2, 3), batch=2),
+    "40x33 text r16 (inside tiles)": Case(3, 1, (40, 33), 77, radius=16.0),
+    "21x45 image only r=sqrt(8)": Case(2, 1, (21, 45), 0, n_extra=3, radius=math.sqrt(8)),
+}
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def make_inputs(case: Case, head_dim: int, dtype: torch.dtype, seed: int, requires_grad: bool = False):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(heads: int, n: int) -> torch.Tensor:
+        t = torch.randn(case.batch, heads, n, head_dim, generator=gen, dtype=torch.float64)
+        if case.noncontiguous:  # [B, N, heads, D] storage
+            t = t.transpose(1, 2).contiguous().transpose(1, 2)
+        return t.to("cuda", dtype).requires_grad_(requires_grad)
+
+    extra = ((rand(case.kv_heads, case.n_extra), rand(case.kv_heads, case.n_extra)) if case.n_extra
+             else (None, None))
+    return (rand(case.heads, case.seq_len), rand(case.kv_heads, case.seq_len), rand(case.kv_heads, case.seq_len),
+            *extra)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_lse_and_gradients_match_reference(name, dtype, head_dim):
+    case = CASES[name]
+    inputs = make_inputs(case, head_dim, dtype, seed=zlib.crc32(name.encode()) + head_dim, requires_grad=True)
+    leaves = [t for t in inputs if t is not None]
+    q, k, v, ek, ev = inputs
+    kwargs = dict(**case.kwargs(), extra_k=ek, extra_v=ev)
+    poison_allocator(q)
+    out, lse = fewstep.local_window_attention(q, k, v, **kwargs, return_lse=True)  # auto: triton on CUDA
+    assert out.dtype == dtype and out.is_contiguous() and lse.dtype == torch.float32
+    grad_out = torch.randn(q.shape, dtype=torch.float64, device="cuda")
+    grads = torch.autograd.grad(out, leaves, grad_out.to(dtype))
+    ref_out, ref_lse = local_window_attention_reference(q, k, v, **kwargs)
+    same_out, same_lse = local_window_attention_reference(q, k, v, **kwargs, dtype=dtype)
+    tag = f"[{name},{dtype},D={head_dim}]"
+    assert_close_to_reference(out, ref_out, same_out, "out" + tag)
+    assert_close_to_reference(lse, ref_lse, same_lse, "lse" + tag)
+    ref = torch.autograd.grad(ref_out, leaves, grad_out)
+    same = torch.autograd.grad(same_out, leaves, grad_out.to(dtype))
+    for what, g, r, s in zip(["dq", "dk", "dv", "dextra_k", "dextra_v"], grads, ref, same):
+        assert g.dtype == dtype and g.shape == r.shape
+        assert_close_to_reference(g, r, s, what + tag)
+
+
+@pytest.mark.parametrize("head_dim", [32, 256])
+def test_other_head_dims(head_dim):
+    case = CASES["13x17 text extra gqa r4.5"]
+    inputs = make_inputs(case, head_dim, torch.bfloat16, seed=4, requires_grad=True)
+    q, k, v, ek, ev = inputs
+    kwargs = dict(**case.kwargs(), extra_k=ek, extra_v=ev)
+    out = fewstep.local_window_attention(q, k, v, **kwargs)
+    grads = torch.autograd.grad(out, list(inputs), torch.ones_like(out))
+    ref_out, _ = local_window_attention_reference(q, k, v, **kwargs)
+    same_out, _ = local_window_attention_reference(q, k, v, **kwargs, dtype=torch.bfloat16)
+    assert_close_to_reference(out, ref_out, same_out, f"out[D={head_dim}]")
+    ref = torch.autograd.grad(ref_out, list(inputs), torch.ones_like(ref_out))
+    same = torch.autograd.grad(same_out, list(inputs), torch.ones_like(same_out))
+    for what, g, r, s in zip(["dq", "dk", "dv", "dextra_k", "dextra_v"], grads, ref, same):
+        assert_close_to_reference(g, r, s, f"{what}[D={head_dim}]")
+
+
+def test_training_shape_matches_reference():
+    """CLEAR's training shape (64x64 image tokens + 512 text, r=16), fewer heads to bound the reference."""
+    case = Case(4, 4, (64, 64), 512, radius=16.0)
+    inputs = make_inputs(case, 128, torch.bfloat16, seed=6, requires_grad=True)
+    q, k, v, _, _ = inputs
+    out = fewstep.local_window_attention(q, k, v, **case.kwargs())
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [q, k, v], grad_out)
+    ref_out, _ = local_window_attention_reference(q, k, v, **case.kwargs())
+    same_out, _ = local_window_attention_reference(q, k, v, **case.kwargs(), dtype=torch.bfloat16)
+    assert_close_to_reference(out, ref_out, same_out, "out[64x64+512]")
+    ref = torch.autograd.grad(ref_out, [q, k, v], grad_out.double())
+    same = torch.autograd.grad(same_out, [q, k, v], grad_out)
+    for what, g, r, s in zip(["dq", "dk", "dv"], grads, ref, same):
+        assert_close_to_reference(g, r, s, what + "[64x64+512]")
+
+
+def test_no_recompilation_for_new_grid_text_length_or_radius():
+    from fewstep.triton.local_window_attention import compiled_kernel_count
+
+    def step(grid, n_text, radius, n_extra):
+        case = Case(4, 2, grid, n_text, n_extra=n_extra, radius=radius)
+        q, k, v, ek, ev = make_inputs(case, 128, torch.bfloat16, seed=7, requires_grad=True)
+        out = fewstep.local_window_attention(q, k, v, **case.kwargs(), extra_k=ek, extra_v=ev)
+        out.backward(torch.ones_like(out))
+        torch.cuda.synchronize()
+
+    step((13, 17), 7, 4.5, 3)
+    compiled = compiled_kernel_count()
+    assert compiled >= 4  # forward, delta, dK/dV, dQ
+    for grid, n_text, radius, n_extra in [((64, 64), 512, 16.0, 5), ((31, 96), 1, 8.0, 16), ((1, 129), 300, 2.0, 1),
+                                          ((128, 64), 16, 32.5, 32)]:
+        step(grid, n_text, radius, n_extra)
+    assert compiled_kernel_count() == compiled, "a new grid, text length, extra count or radius recompiled a kernel"
+
+
+def test_backward_is_deterministic():
+    case = CASES["40x33 text r16 (inside tiles)"]
+    q, k, v, _, _ = make_inputs(case, 128, torch.bfloat16, seed=8)
+    pattern = (*case.grid, case.n_text, case.radius, -1, -1, 0.1)
+    out, lse = torch.ops.fewstep.local_window_attention_triton(q, k, v, None, None, *pattern)
+    grad_out = torch.randn_like(q)
+    runs = [torch.ops.fewstep.local_window_attention_triton_backward(grad_out, q, k, v, None, None, out, lse, *pattern)
+            for _ in range(3)]
+    for later in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], later))
+
+
+def test_opcheck_and_compile_on_cuda():
+    case = CASES["13x17 text extra gqa r4.5"]
+    q, k, v, ek, ev = make_inputs(case, 64, torch.float16, seed=9, requires_grad=True)
+    args = (q, k, v, ek, ev, *case.grid, case.n_text, case.radius, -1, -1, 0.125)
+    torch.library.opcheck(torch.ops.fewstep.local_window_attention_triton.default, args)
+    with torch.no_grad():
+        out, lse = torch.ops.fewstep.local_window_attention_triton(*args)
+    detached = [t.detach() for t in (q, k, v, ek, ev)]
+    torch.library.opcheck(torch.ops.fewstep.local_window_attention_triton_backward.default,
+                          (torch.randn_like(out), *detached, out, lse, *args[5:]))
+
+    def loss(q, k, v, ek, ev):
+        return fewstep.local_window_attention(q, k, v, **case.kwargs(), extra_k=ek, extra_v=ev).float().square().sum()
+
+    torch._dynamo.reset()
+    eager = torch.autograd.grad(loss(q, k, v, ek, ev), [q, k, v, ek, ev])
+    compiled = torch.autograd.grad(torch.compile(loss, fullgraph=True)(q, k, v, ek, ev), [q, k, v, ek, ev])
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c, e, rtol=0, atol=0)  # the same kernels run
+
+
+def test_gpu_errors_name_the_argument():
+    q = torch.randn(1, 2, 7 + 6 * 5, 48, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"^q: expected head dim \(dim 3\) in \[16, 32, 64, 128, 256\] on the triton"):
+        fewstep.local_window_attention(q, q, q, grid=(6, 5), n_text=7, radius=2.0)
+    with fewstep.backend("cuda"), pytest.raises(fewstep.BackendUnavailableError, match="local_window_attention: backend 'cuda' is unavailable"):
+        fewstep.local_window_attention(q, q, q, grid=(6, 5), n_text=7, radius=2.0)
+    k = torch.randn(1, 2, 37, 64, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"^k: expected shape \[1, kv_heads, 37, 48\]"):
+        fewstep.local_window_attention(q, k, k, grid=(6, 5), n_text=7, radius=2.0)

@@ -1,0 +1,273 @@
+"""fewstep.local_window_attention on every CPU-reachable backend (C++ ``cpu``, ``triton`` under
+TRITON_INTERPRET=1 in fp32/fp16, ``reference``) against the float64 dense masked reference:
+forward, lse and gradients, the torch.library contract of the Triton ops, torch.compile, and bad
+input. The C++ ops' own tests are in test_local_window_attention_cpu.py; bf16 Triton and the GPU
+tile sizes are tested in tests/gpu/test_local_window_attention_gpu.py."""
+from __future__ import annotations
+
+import math
+import os
+import zlib
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import pytest
+import torch
+from helpers import HAS_TRITON, assert_close_to_reference, poison_allocator
+
+import fewstep
+from fewstep.reference.local_window_attention import local_window_attention_reference
+
+TRITON_HERE = HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class Case:
+    batch: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    grid: tuple[int, int]
+    n_text: int
+    n_extra: int = 0
+    radius: Optional[float] = None
+    window: Optional[tuple[int, int]] = None
+    noncontiguous: bool = False
+
+    @property
+    def seq_len(self) -> int:
+        return self.n_text + self.grid[0] * self.grid[1]
+
+    def kwargs(self) -> dict:
+        return dict(grid=self.grid, n_text=self.n_text, radius=self.radius, window=self.window)
+
+
+# Odd grids that are no multiple of a tile (the interpreter's tiles are 4x8 queries, 2x8 keys).
+CASES = {
+    "circle text gqa noncontig": Case(1, 4, 2, 16, (5, 11), 3, radius=2.5, noncontiguous=True),
+    "circle text extra gqa strict": Case(1, 3, 1, 16, (6, 9), 5, n_extra=2, radius=3.0),  # d^2 = 9 excluded
+    "window extra batch 2": Case(2, 2, 2, 32, (4, 9), 0, n_extra=3, window=(1, 2)),
+    "circle covers the grid": Case(1, 2, 1, 16, (3, 13), 2, radius=40.0),
+    "window of one row": Case(1, 1, 1, 16, (5, 3), 0, window=(0, 1)),
+    "window wider than tiles": Case(1, 2, 1, 16, (9, 23), 1, window=(6, 20)),  # tiles entirely inside
+    "one grid row, non-integer r^2": Case(1, 2, 2, 16, (1, 19), 4, n_extra=1, radius=math.sqrt(5)),
+}
+# The fp16 Triton runs (slow under the interpreter) take a subset that still has every feature.
+HALF_CASES = ["circle text gqa noncontig", "circle text extra gqa strict", "window extra batch 2"]
+
+
+def backend_dtypes() -> list[tuple[str, torch.dtype, str]]:
+    runs = [("reference", dt, c) for dt in (torch.float64, torch.float32) for c in CASES]
+    runs += [("cpu", dt, c) for dt in (torch.float64, torch.float32, torch.bfloat16) for c in CASES]
+    if TRITON_HERE:  # Triton's interpreter gets bf16 wrong; bf16 Triton runs on the GPU only
+        runs += [("triton", torch.float32, c) for c in CASES]
+        runs += [("triton", torch.float16, c) for c in HALF_CASES]
+    return runs
+
+
+RUNS = backend_dtypes()
+
+
+def make_inputs(case: Case, dtype: torch.dtype, seed: int, *, requires_grad: bool = False):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(heads: int, n: int) -> torch.Tensor:
+        t = torch.randn(case.batch, heads, n, case.head_dim, generator=gen, dtype=torch.float64)
+        if case.noncontiguous:  # [B, N, heads, D] storage, as projections produce it
+            t = t.transpose(1, 2).contiguous().transpose(1, 2)
+        return t.to(dtype).requires_grad_(requires_grad)
+
+    q = rand(case.heads, case.seq_len)
+    k, v = rand(case.kv_heads, case.seq_len), rand(case.kv_heads, case.seq_len)
+    extra = (rand(case.kv_heads, case.n_extra), rand(case.kv_heads, case.n_extra)) if case.n_extra else (None, None)
+    return q, k, v, *extra
+
+
+def run_op(backend: str, case: Case, q, k, v, extra_k, extra_v):
+    poison_allocator(q)
+    with fewstep.backend(backend):
+        return fewstep.local_window_attention(q, k, v, **case.kwargs(), extra_k=extra_k, extra_v=extra_v,
+                                              return_lse=True)
+
+
+@pytest.mark.parametrize("backend,dtype,name", RUNS)
+def test_forward_and_lse_match_reference(backend, dtype, name):
+    case = CASES[name]
+    inputs = make_inputs(case, dtype, seed=zlib.crc32(name.encode()))
+    out, lse = run_op(backend, case, *inputs)
+    assert out.shape == inputs[0].shape and out.dtype == dtype and out.is_contiguous()
+    assert lse.shape == inputs[0].shape[:3] and lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    q, k, v, ek, ev = inputs
+    kwargs = dict(**case.kwargs(), extra_k=ek, extra_v=ev)
+    ref_out, ref_lse = local_window_attention_reference(q, k, v, **kwargs)
+    same_out, same_lse = local_window_attention_reference(q, k, v, **kwargs, dtype=dtype)
+    assert_close_to_reference(out, ref_out, same_out, f"out[{backend},{dtype},{name}]")
+    assert_close_to_reference(lse, ref_lse, same_lse, f"lse[{backend},{dtype},{name}]")
+
+
+@pytest.mark.parametrize("backend,dtype,name", [r for r in RUNS if r[0] != "reference"])
+def test_gradients_match_reference(backend, dtype, name):
+    case = CASES[name]
+    inputs = make_inputs(case, dtype, seed=zlib.crc32(name.encode()) + 1, requires_grad=True)
+    leaves = [t for t in inputs if t is not None]
+    grad_out = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    out, lse = run_op(backend, case, *inputs)
+    assert not lse.requires_grad  # lse is returned for inspection; gradients flow through out
+    grads = torch.autograd.grad(out, leaves, grad_out.to(dtype))
+    q, k, v, ek, ev = inputs
+    kwargs = dict(**case.kwargs(), extra_k=ek, extra_v=ev)
+    ref = torch.autograd.grad(local_window_attention_reference(q, k, v, **kwargs)[0], leaves, grad_out)
+    same = torch.autograd.grad(local_window_attention_reference(q, k, v, **kwargs, dtype=dtype)[0], leaves,
+                               grad_out.to(dtype))
+    for what, g, r, s in zip(["dq", "dk", "dv", "dextra_k", "dextra_v"], grads, ref, same):
+        assert g.shape == r.shape and g.dtype == dtype
+        assert_close_to_reference(g, r, s, f"{what}[{backend},{dtype},{name}]")
+
+
+@pytest.mark.skipif(not TRITON_HERE, reason="needs triton (under TRITON_INTERPRET=1 on CPU)")
+def test_triton_backward_is_deterministic_and_without_extra_has_empty_extra_grads():
+    case = replace(CASES["circle text gqa noncontig"], grid=(3, 6), n_text=2)
+    q, k, v, _, _ = make_inputs(case, torch.float32, seed=3)
+    pattern = (*case.grid, case.n_text, case.radius, -1, -1, 0.25)
+    out, lse = torch.ops.fewstep.local_window_attention_triton(q, k, v, None, None, *pattern)
+    grad_out = torch.randn_like(q)
+    first = torch.ops.fewstep.local_window_attention_triton_backward(grad_out, q, k, v, None, None, out, lse, *pattern)
+    second = torch.ops.fewstep.local_window_attention_triton_backward(grad_out, q, k, v, None, None, out, lse, *pattern)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert first[3].shape == (1, 2, 0, 16) and first[4].shape == (1, 2, 0, 16)
+
+
+# ---- torch.library contract and torch.compile -----------------------------------------------------
+
+def _opcheck_samples():
+    case = CASES["circle text extra gqa strict"]
+    q, k, v, ek, ev = make_inputs(replace(case, grid=(3, 5), n_text=2, heads=2), torch.float32, seed=9,
+                                  requires_grad=True)
+    yield (q, k, v, ek, ev, 3, 5, 2, 2.0, -1, -1, 0.3)
+    q, k, v, _, _ = make_inputs(CASES["window of one row"], torch.float32, seed=10, requires_grad=True)
+    yield (q, k, v, None, None, 5, 3, 0, 0.0, 1, 0, 0.25)
+
+
+@pytest.mark.skipif(not TRITON_HERE, reason="needs triton (under TRITON_INTERPRET=1 on CPU)")
+def test_opcheck_triton_ops():
+    for args in _opcheck_samples():
+        torch.library.opcheck(torch.ops.fewstep.local_window_attention_triton.default, args)
+        with torch.no_grad():
+            out, lse = torch.ops.fewstep.local_window_attention_triton(*args)
+        tensors = [t.detach() if t is not None else None for t in args[:5]]  # the backward op has no backward
+        backward_args = (torch.randn_like(tensors[0]), *tensors, out, lse, *args[5:])
+        torch.library.opcheck(torch.ops.fewstep.local_window_attention_triton_backward.default, backward_args)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"] + (["triton"] if TRITON_HERE else []))
+def test_torch_compile_fullgraph_forward_and_backward(backend):
+    case = CASES["circle text extra gqa strict"]
+    q, k, v, ek, ev = make_inputs(case, torch.float32, seed=12, requires_grad=True)
+
+    def attend(q, k, v, ek, ev):
+        out = fewstep.local_window_attention(q, k, v, **case.kwargs(), extra_k=ek, extra_v=ev)
+        return (out * out).sum()
+
+    torch._dynamo.reset()
+    with fewstep.backend(backend):
+        eager_grads = torch.autograd.grad(attend(q, k, v, ek, ev), [q, k, v, ek, ev])
+        compiled = torch.compile(attend, fullgraph=True)
+        compiled_grads = torch.autograd.grad(compiled(q, k, v, ek, ev), [q, k, v, ek, ev])
+    for e, c in zip(eager_grads, compiled_grads):
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5)
+
+
+# ---- bad input ----------------------------------------------------------------------------------------
+
+def _good() -> dict:
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 38, 16, generator=gen)
+    k, v = torch.randn(1, 2, 38, 16, generator=gen), torch.randn(1, 2, 38, 16, generator=gen)
+    return dict(q=q, k=k, v=v, grid=(5, 7), n_text=3, radius=2.0)
+
+
+BAD = [  # (change to the good call, exception, the full message)
+    (dict(grid=(5,)), TypeError, "grid: expected (H, W), two ints, got (5,)"),
+    (dict(radius=None), ValueError, "radius: expected exactly one of radius and window, got radius=None, window=None"),
+    (dict(window=(1, 1)), ValueError, "radius: expected exactly one of radius and window, got radius=2.0, window=(1, 1)"),
+    (dict(radius=None, window=(-1, 2)), ValueError, "window: expected (ry, rx), two ints >= 0, got (-1, 2)"),
+    (dict(radius=0.5), ValueError, "radius: expected a finite number >= 1 (or 0 with a window), got 0.5"),
+    (dict(radius=math.inf), ValueError, "radius: expected a finite number >= 1 (or 0 with a window), got inf"),
+    (dict(radius=0), ValueError, "radius: expected a finite number >= 1 (or 0 with a window), got 0"),
+    (dict(n_text=2), ValueError, "q: expected N (dim 2) = n_text + grid_h * grid_w = 2 + 5 * 7 = 37, got 38"),
+    (dict(grid=(0, 7)), ValueError, "grid_h: expected >= 1, got 0"),
+    (dict(n_text=-1), ValueError, "n_text: expected >= 0, got -1"),
+    (dict(scale=-1.0), ValueError, "scale: expected a finite number > 0, got -1"),
+    (dict(q=torch.randn(4, 38, 16)), ValueError, "q: expected a 4-D tensor [B, heads, N, D], got shape [4, 38, 16]"),
+    (dict(k=torch.randn(1, 3, 38, 16), v=torch.randn(1, 3, 38, 16)), ValueError,
+     "k: expected kv_heads (dim 1) dividing the 4 heads of q, got 3"),
+    (dict(k=torch.randn(1, 2, 37, 16)), ValueError,
+     "k: expected shape [1, kv_heads, 38, 16] (B, N and D of q), got [1, 2, 37, 16]"),
+    (dict(k=torch.randn(1, 2, 38, 16, dtype=torch.float64)), TypeError,
+     "k: expected dtype torch.float32 (the dtype of q), got torch.float64"),
+    (dict(v=torch.randn(1, 2, 38, 8)), ValueError, "v: expected shape [1, 2, 38, 16] (the shape of k), got [1, 2, 38, 8]"),
+    (dict(extra_k=torch.randn(1, 2, 3, 16)), ValueError, "extra_v: expected a tensor because extra_k is given, got None"),
+    (dict(extra_k=torch.randn(1, 1, 3, 16), extra_v=torch.randn(1, 1, 3, 16)), ValueError,
+     "extra_k: expected shape [1, 2, E, 16] (B, kv_heads and D of k), got [1, 1, 3, 16]"),
+    (dict(extra_k=torch.randn(1, 2, 3, 16), extra_v=torch.randn(1, 2, 4, 16)), ValueError,
+     "extra_v: expected shape [1, 2, 3, 16] (the shape of extra_k), got [1, 2, 4, 16]"),
+]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"] + (["triton"] if TRITON_HERE else []))
+@pytest.mark.parametrize("change,exc,message", BAD, ids=[m.split(":")[0] + f"-{i}" for i, (_, _, m) in enumerate(BAD)])
+def test_bad_input_names_argument(backend, change, exc, message):
+    args = {**_good(), **change}
+    with fewstep.backend(backend), pytest.raises(exc) as err:
+        fewstep.local_window_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+    assert str(err.value).splitlines()[0] == message  # same words from the C++ and the Python checks
+
+
+@pytest.mark.skipif(not TRITON_HERE, reason="needs triton (under TRITON_INTERPRET=1 on CPU)")
+def test_triton_limits_and_fake_checks():
+    good = _good()
+    q, k, v = good["q"], good["k"], good["v"]
+    with fewstep.backend("triton"):
+        with pytest.raises(TypeError, match=r"^q: expected dtype in \['torch.float16', 'torch.bfloat16', "
+                                            r"'torch.float32'\], got torch.float64$"):
+            fewstep.local_window_attention(q.double(), k.double(), v.double(), grid=(5, 7), n_text=3, radius=2.0)
+        with pytest.raises(ValueError, match=r"^q: expected head dim \(dim 3\) in \[16, 32, 64, 128, 256\] on the "
+                                             r"triton backend, got 24$"):
+            fewstep.local_window_attention(torch.randn(1, 4, 38, 24), torch.randn(1, 2, 38, 24),
+                                           torch.randn(1, 2, 38, 24), grid=(5, 7), n_text=3, radius=2.0)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:  # the fake impls check alike
+        fq, fk, fv = mode.from_tensor(q), mode.from_tensor(k), mode.from_tensor(v)
+        for op in (torch.ops.fewstep.local_window_attention_triton, torch.ops.fewstep.local_window_attention):
+            with pytest.raises(ValueError, match=r"^q: expected N \(dim 2\) = n_text \+ grid_h \* grid_w = 2 \+ 5 \* 7"):
+                op(fq, fk, fv, None, None, 5, 7, 2, 2.0, -1, -1, 0.25)
+        out, lse = torch.ops.fewstep.local_window_attention_triton(fq, fk, fv, None, None, 5, 7, 3, 2.0, -1, -1, 0.25)
+        assert out.shape == q.shape and lse.shape == q.shape[:3] and lse.dtype == torch.float32
+
+
+def test_no_cuda_cpp_kernel_is_reported():
+    good = _good()
+    with fewstep.backend("cuda"), pytest.raises(fewstep.BackendUnavailableError, match="local_window_attention"):
+        fewstep.local_window_attention(good["q"], good["k"], good["v"], grid=(5, 7), n_text=3, radius=2.0)
+
+
+@pytest.mark.skipif(not TRITON_HERE, reason="needs triton (under TRITON_INTERPRET=1 on CPU)")
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_triton_gpu_tile_sizes_under_interpreter(monkeypatch, head_dim):
+    """The 16-bit GPU tiles (8x16 query tiles, 2x16 and 4x16 key tiles), run by the interpreter."""
+    import fewstep.triton.local_window_attention as triton_lwa
+    monkeypatch.setattr(triton_lwa, "_interpreted", lambda: False)
+    case = Case(1, 2, 1, head_dim, (19, 37), 9, n_extra=3, radius=5.5)
+    inputs = make_inputs(case, torch.float16, seed=head_dim, requires_grad=True)
+    q, k, v, ek, ev = inputs
+    kwargs = dict(**case.kwargs(), extra_k=ek, extra_v=ev)
+    out, lse = run_op("triton", case, *inputs)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = torch.autograd.grad(out, list(inputs), grad_out.half())
+    ref_out, ref_lse = local_window_attention_reference(q, k, v, **kwargs)
+    same_out, same_lse = local_window_attention_reference(q, k, v, **kwargs, dtype=torch.float16)
+    assert_close_to_reference(out, ref_out, same_out, "out")
+    assert_close_to_reference(lse, ref_lse, same_lse, "lse")
+    ref = torch.autograd.grad(ref_out, list(inputs), grad_out)
+    same = torch.autograd.grad(same_out, list(inputs), grad_out.half())
+    for what, g, r, s in zip(["dq", "dk", "dv", "dextra_k", "dextra_v"], grads, ref, same):
+        assert_close_to_reference(g, r, s, what)
