@@ -51,12 +51,16 @@ def main():
     rec = common.Recorder()
     ceilings = {"copy_GBps": common.copy_bandwidth_gbs(), "bf16_matmul_TFLOPs": common.matmul_tflops()}
     print("ceilings:", ceilings, flush=True)
-    for name in args.only or SUITES:
-        SUITES[name](rec, ceilings)
     gpu = torch.cuda.get_device_name().replace(" ", "-").replace("/", "-")
     suffix = "-" + "-".join(args.only) if args.only else ""
     stem = os.path.join(args.out, f"{datetime.date.today().isoformat()}-{gpu}{suffix}")
     os.makedirs(args.out, exist_ok=True)
+    for name in args.only or SUITES:
+        SUITES[name](rec, ceilings)
+        write(rec, stem, ceilings)  # after every suite: a run cut short keeps what it measured
+
+
+def write(rec, stem, ceilings):
     rec.write(stem + ".json", stem + ".md", ceilings,
               notes="pct_of_copy_bw: bytes the step must move (inputs read once, outputs written once) over "
                     "the median time, as a share of the copy bandwidth above. loop4 times are host wall time "
@@ -79,7 +83,7 @@ def main():
                     "useful_TFLOPs counts only the query-key pairs the mask admits (dense SDPA: all pairs); "
                     "'fewstep first call' is the wall time of the first call at a new resolution, with the "
                     "number of Triton kernels it compiled.")
-    print("wrote", stem + ".json")
+    print("wrote", stem + ".json", flush=True)
 
 
 if __name__ == "__main__":
