@@ -136,8 +136,10 @@ def run(rec):
             fewstep.local_window_attention(q, k, v, grid=(h, w), n_text=n_text, radius=radius)
             torch.cuda.synchronize()
             setup_ms = (time.perf_counter() - start) * 1e3
-            rec.add(SUITE, case, "fewstep first call", DTYPE, setup_ms, "new_kernel_compiles",
-                    compiled_kernel_count() - before)
+            compiles = compiled_kernel_count() - before
+            rec.add(SUITE, case, "fewstep first call", DTYPE, setup_ms, "new_kernel_compiles", compiles)
+            if compiles:
+                print(f"{SUITE}: {case}: fewstep RECOMPILED {compiles} kernel(s) for a new resolution", flush=True)
 
             def attend(q, k, v):
                 return fewstep.local_window_attention(q, k, v, grid=(h, w), n_text=n_text, radius=radius)
