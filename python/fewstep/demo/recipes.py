@@ -22,16 +22,17 @@ class Config:
     hidden: int
     depth: int
     distill_steps: int
+    dmd2_steps: int  # generator steps are a fifth of these (two time-scale update)
     batch_size: int
     seed: int = 0
 
 
 def config_for(name: str, quick: bool = False, seed: int = 0) -> Config:
     if quick:
-        return Config(teacher_steps=60, hidden=64, depth=2, distill_steps=20, batch_size=128, seed=seed)
+        return Config(teacher_steps=60, hidden=64, depth=2, distill_steps=20, dmd2_steps=20, batch_size=128, seed=seed)
     if name == "mixture2d":
-        return Config(teacher_steps=2500, hidden=128, depth=4, distill_steps=1000, batch_size=256, seed=seed)
-    return Config(teacher_steps=3000, hidden=256, depth=4, distill_steps=1000, batch_size=256, seed=seed)
+        return Config(teacher_steps=2500, hidden=128, depth=4, distill_steps=1000, dmd2_steps=1500, batch_size=256, seed=seed)
+    return Config(teacher_steps=3000, hidden=256, depth=4, distill_steps=1000, dmd2_steps=1500, batch_size=256, seed=seed)
 
 
 def train_teacher(ds: demo_data.Dataset, config: Config, device: torch.device, log) -> Denoiser:
@@ -132,7 +133,10 @@ def distill_lcd(teacher: Denoiser, ds: demo_data.Dataset, config: Config, device
 def distill_dmd2(teacher: Denoiser, ds: demo_data.Dataset, config: Config, device: torch.device, log):
     """One-step DMD2: generator and fake score start as copies of the teacher; two time-scale."""
     method = DMD2(teacher, guidance_scale=1.0, num_steps=1, dfake_gen_update_ratio=5).to(device)
-    train(method, ds, config, device, log, steps=config.distill_steps, lr={"generator": 1e-4, "critic": 1e-4})
+    trainer = train(method, ds, config, device, log, steps=config.dmd2_steps, lr=1e-3,
+                    ema={"generator": (method.generator, 0.95)})
+    # Sample with the EMA generator (the EMA holds its parameters; it has no buffers to miss).
+    method.generator.load_state_dict(trainer.ema_state_dict("generator"), strict=True)
     return evaluate(method, "dmd2", "one-step", (1,), 1, ds, config, device)
 
 
