@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import fewstep
+from fewstep.demo.data import sliced_wasserstein2
 from fewstep.distill.boot import BOOT
 from fewstep.distill.common import ddim_sample
 from fewstep.toy import GaussianMixtureDenoiser
@@ -234,12 +235,6 @@ def test_bad_input_is_named():
         m.sample(torch.randn(2, 2), steps=0)
 
 
-def sliced_w2(a: torch.Tensor, b: torch.Tensor, projections: int = 256) -> float:
-    dirs = torch.randn(a.shape[1], projections, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    dirs = dirs / dirs.norm(dim=0)
-    pa, pb = (a.double() @ dirs).sort(0).values, (b.double() @ dirs).sort(0).values
-    return float((pa - pb).square().mean().sqrt())
-
 
 def test_one_step_student_beats_one_step_teacher(one_thread):
     """Data-free: 500 steps from noise alone make the 1-step student far closer to the data (sliced
@@ -256,8 +251,8 @@ def test_one_step_student_beats_one_step_teacher(one_thread):
         opt.step()
     data = toy.sample_data(2000, torch.Generator().manual_seed(5)).float()
     z = torch.randn(2000, 2, generator=torch.Generator().manual_seed(7))
-    teacher_1 = sliced_w2(ddim_sample(teacher, z, [999], {}), data)
+    teacher_1 = sliced_wasserstein2(ddim_sample(teacher, z, [999], {}), data)
     teacher_grid = ddim_sample(teacher, z, m.timesteps, {})
     student = m.sample(z)
-    assert sliced_w2(student, data) < 0.4 * teacher_1, (sliced_w2(student, data), teacher_1)
+    assert sliced_wasserstein2(student, data) < 0.4 * teacher_1, (sliced_wasserstein2(student, data), teacher_1)
     assert (student - teacher_grid).norm(dim=1).mean() < 0.4, float((student - teacher_grid).norm(dim=1).mean())

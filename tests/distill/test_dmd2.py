@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import fewstep
+from fewstep.demo.data import sliced_wasserstein2
 from fewstep.distill.dmd2 import DMD, DMD2
 from fewstep.distill.common import ddim_sample, spaced_timesteps
 from fewstep.toy import GaussianMixtureDenoiser
@@ -74,12 +75,6 @@ class MLP(nn.Module):
         phase = math.pi * t.to(x.dtype).reshape(-1, 1).expand(x.shape[0], 1) / 1000
         return self.net(torch.cat([x, phase.sin(), phase.cos()], 1))
 
-
-def sliced_w2(a: torch.Tensor, b: torch.Tensor, projections: int = 256) -> float:
-    dirs = torch.randn(a.shape[1], projections, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    dirs = dirs / dirs.norm(dim=0)
-    pa, pb = (a.double() @ dirs).sort(0).values, (b.double() @ dirs).sort(0).values
-    return float((pa - pb).square().mean().sqrt())
 
 
 def x0_model(model) -> fewstep.Denoiser:
@@ -395,7 +390,7 @@ def test_one_step_student_beats_one_step_teacher(one_thread):
             opts[phase].step()
     data = toy.sample_data(2000, torch.Generator().manual_seed(5)).float()
     z = torch.randn(2000, 2, generator=torch.Generator().manual_seed(7))
-    teacher_1 = sliced_w2(ddim_sample(teacher, z, [999], {}), data)
-    teacher_50 = sliced_w2(ddim_sample(teacher, z, spaced_timesteps(1000, 50), {}), data)
-    student = sliced_w2(m.sample(z), data)
+    teacher_1 = sliced_wasserstein2(ddim_sample(teacher, z, [999], {}), data)
+    teacher_50 = sliced_wasserstein2(ddim_sample(teacher, z, spaced_timesteps(1000, 50), {}), data)
+    student = sliced_wasserstein2(m.sample(z), data)
     assert student < 0.4 * teacher_1, (student, teacher_1, teacher_50)
