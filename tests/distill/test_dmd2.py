@@ -40,7 +40,7 @@ class CondTeacher(nn.Module):
         self.toy = toy
 
     def forward(self, x, t, c=0.0):
-        return self.toy(x, t) + c
+        return self.toy(x, t) + (c[:, None] if isinstance(c, torch.Tensor) else c)
 
 
 class Shift(nn.Module):
@@ -186,6 +186,40 @@ def test_regression_loss_gradient():
     # pairs drawn from the stored set when the batch has none
     _, logs = DMD(teacher_of(toy), Shift(2), Scale(), regression_pairs=pairs).generator_loss({"noise": batch["noise"]})
     assert torch.isfinite(logs["loss_regression"])
+
+
+def test_conditional_regression_pairs_keep_their_condition():
+    teacher = teacher_of(mixture(), cond=True)
+
+    class Cond(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.b = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+
+        def forward(self, x, t, c=0.0):
+            return x + self.b + (c[:, None] if isinstance(c, torch.Tensor) else c)
+
+    m = DMD(teacher, x0_model(Cond()), x0_model(Scale()))
+    noise = torch.randn(6, 2, dtype=torch.float64)
+    c = torch.arange(6, dtype=torch.float64)
+    pairs = m.teacher_pairs(noise, steps=4, c=c)
+    assert pairs[2]["c"] is c
+    # the teacher's 4-step DDIM with each pair's own condition
+    expected = torch.stack([ddim_sample(teacher, noise[i:i + 1], spaced_timesteps(1000, 4), {"c": c[i:i + 1]})[0]
+                            for i in range(6)])
+    torch.testing.assert_close(pairs[1], expected)
+    m = DMD(teacher, x0_model(Cond()), x0_model(Scale()), regression_pairs=pairs)
+    batch = {"noise": torch.randn(4, 2, dtype=torch.float64), "cond": {"c": torch.zeros(4)}}
+    torch.manual_seed(2)
+    _, logs = m.generator_loss(batch)
+    torch.manual_seed(2)
+    torch.randint(m.t_min, m.t_max + 1, (4,))  # DMD's timestep and noise come first
+    torch.randn(4, 2, dtype=torch.float64)
+    idx = torch.randint(6, (4,))
+    expected = (noise[idx] + c[idx, None] - pairs[1][idx]).square().mean()  # the generator at each pair's c
+    torch.testing.assert_close(logs["loss_regression"], expected)
+    with pytest.raises(ValueError, match="rows"):
+        DMD(teacher, x0_model(Cond()), Scale(), regression_pairs=(noise, pairs[1], {"c": c[:3]}))
 
 
 class Features(nn.Module):

@@ -61,8 +61,9 @@ class DMD2(DistillationMethod):
         gan_generator_weight, gan_discriminator_weight: weights of the softplus GAN losses.
         regression_weight: weight of the regression MSE between the generator's one-step sample of
             a teacher noise and the teacher's many-step sample of it (DMD's regression loss).
-        regression_pairs: (noise, x0) tensors of teacher pairs (see :meth:`teacher_pairs`);
-            ``batch["regression_noise"]``/``batch["regression_x0"]`` take precedence.
+        regression_pairs: (noise, x0) or (noise, x0, cond) teacher pairs (:meth:`teacher_pairs`
+            makes them; cond tensors have one row per pair); ``batch["regression_noise"]`` /
+            ``batch["regression_x0"]`` (with ``batch["regression_cond"]``) take precedence.
     """
 
     phases = ("generator", "critic")
@@ -105,15 +106,31 @@ class DMD2(DistillationMethod):
         self._capture = False
 
         self.regression_weight = _check_weight("regression_weight", regression_weight)
-        if regression_pairs is not None:
-            if not (isinstance(regression_pairs, (tuple, list)) and len(regression_pairs) == 2
-                    and all(isinstance(p, torch.Tensor) for p in regression_pairs)
-                    and regression_pairs[0].shape == regression_pairs[1].shape):
-                raise ValueError("regression_pairs: expected (noise, x0), two tensors of one shape [N, ...]")
-            self.register_buffer("regression_noise", regression_pairs[0], persistent=False)
-            self.register_buffer("regression_x0", regression_pairs[1], persistent=False)
-        else:
+        self._regression_cond_tensors: list[str] = []  # kwargs stored as buffers regression_cond_<name>
+        self._regression_cond_values: dict = {}         # other kwargs, as given
+        if regression_pairs is None:
             self.regression_noise = self.regression_x0 = None
+        else:
+            self._store_pairs(regression_pairs)
+
+    def _store_pairs(self, pairs) -> None:
+        ok = isinstance(pairs, (tuple, list)) and len(pairs) in (2, 3) \
+            and all(isinstance(p, torch.Tensor) for p in pairs[:2]) and pairs[0].shape == pairs[1].shape \
+            and (len(pairs) == 2 or isinstance(pairs[2], dict))
+        if not ok:
+            raise ValueError("regression_pairs: expected (noise, x0) or (noise, x0, cond), two tensors of one shape "
+                             "[N, ...] and a dict of model kwargs whose tensors have N rows")
+        self.register_buffer("regression_noise", pairs[0], persistent=False)
+        self.register_buffer("regression_x0", pairs[1], persistent=False)
+        for key, value in (pairs[2] if len(pairs) == 3 else {}).items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                if value.shape[0] != pairs[0].shape[0]:
+                    raise ValueError(f"regression_pairs: cond[{key!r}] expected {pairs[0].shape[0]} rows (one per "
+                                     f"pair), got shape {list(value.shape)}")
+                self.register_buffer(f"regression_cond_{key}", value, persistent=False)
+                self._regression_cond_tensors.append(key)
+            else:
+                self._regression_cond_values[key] = value
 
     @staticmethod
     def _range(lo_name, lo, lo_default, hi_name, hi, hi_default, n) -> tuple[int, int]:
@@ -206,30 +223,35 @@ class DMD2(DistillationMethod):
             logs["loss_gan_g"] = loss_gan.detach()
 
         if self.regression_weight > 0:
-            noise, target = self._regression_batch(batch, x.shape[0])
-            pred = self.generator(noise, timestep(self.timesteps[0], noise), **cond).x0
+            noise, target, pair_cond = self._regression_batch(batch, x.shape[0], cond)
+            pred = self.generator(noise, timestep(self.timesteps[0], noise), **pair_cond).x0
             loss_reg = losses.denoising(pred, target.to(pred.dtype))
             loss = loss + self.regression_weight * loss_reg
             logs["loss_regression"] = loss_reg.detach()
         logs["loss_generator"] = loss.detach()
         return loss, logs
 
-    def _regression_batch(self, batch: dict, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _regression_batch(self, batch: dict, size: int, cond: dict):
+        """(noise, teacher sample, the generator's kwargs for them): the batch's pairs (with
+        ``batch["regression_cond"]``, else the batch's cond), else ``size`` stored pairs drawn on
+        their device, with their own cond."""
         if batch.get("regression_noise") is not None and batch.get("regression_x0") is not None:
-            return batch["regression_noise"], batch["regression_x0"]
+            return batch["regression_noise"], batch["regression_x0"], batch.get("regression_cond", cond)
         if self.regression_noise is None:
             raise ValueError("batch: regression_weight > 0 needs teacher pairs, as batch['regression_noise'] and "
                              "batch['regression_x0'] or the regression_pairs argument, got neither")
         idx = torch.randint(self.regression_noise.shape[0], (size,), device=self.regression_noise.device)
-        return self.regression_noise[idx], self.regression_x0[idx]
+        pair_cond = dict(self._regression_cond_values)
+        pair_cond.update({key: getattr(self, f"regression_cond_{key}")[idx] for key in self._regression_cond_tensors})
+        return self.regression_noise[idx], self.regression_x0[idx], pair_cond
 
     @torch.no_grad()
-    def teacher_pairs(self, noise: torch.Tensor, steps: int = 50, **cond) -> tuple[torch.Tensor, torch.Tensor]:
-        """(noise, the teacher's ``steps``-step DDIM sample from it, with the real score's CFG): the
-        pairs of DMD's regression loss."""
+    def teacher_pairs(self, noise: torch.Tensor, steps: int = 50, **cond):
+        """(noise, the teacher's ``steps``-step DDIM sample from it with the real score's CFG, cond):
+        DMD's regression pairs, to pass as ``regression_pairs``."""
         uncond = None if self.guidance_scale == 1.0 else conditions({}, self.null_cond, self.guidance_scale)[1]
         ts = spaced_timesteps(self.teacher.schedule.num_train_timesteps, steps)
-        return noise, ddim_sample(self.teacher, noise, ts, cond, uncond, self.guidance_scale)
+        return noise, ddim_sample(self.teacher, noise, ts, cond, uncond, self.guidance_scale), cond
 
     # ----------------------------------------------------------------- critic
     def critic_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
