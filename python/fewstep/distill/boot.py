@@ -54,7 +54,7 @@ from torch import nn
 from fewstep import losses
 from fewstep.denoiser import Denoiser
 from fewstep.distill.base import DistillationMethod
-from fewstep.distill.common import (as_denoiser, batch_noise, check_guidance_scale, check_teacher,
+from fewstep.distill.common import (as_denoiser, batch_noise, check_guidance_scale, check_teacher, device_of,
                                     check_timesteps, conditions, ddim_sample, guided, spaced_timesteps, timestep)
 
 WEIGHTINGS = ("inv_delta_sq", "uniform")
@@ -103,7 +103,8 @@ class BOOT(DistillationMethod):
         if len(grid) < 2:
             raise ValueError(f"timesteps: expected at least two timesteps (one interval), got {timesteps!r}")
         self.timesteps = grid
-        self.register_buffer("grid", torch.tensor(grid, dtype=torch.int64), persistent=False)
+        self.register_buffer("grid", torch.tensor(grid, dtype=torch.int64, device=device_of(self.student, self.teacher)),
+                             persistent=False)
 
     def parameters_of(self, phase: str) -> list[nn.Parameter]:
         self.check_phase(phase)

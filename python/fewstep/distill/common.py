@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import math
 from typing import Iterator, Optional, Sequence
 
@@ -27,6 +28,16 @@ def as_denoiser(name: str, model, teacher: Denoiser, prediction: Optional[str] =
     if isinstance(model, nn.Module):
         return Denoiser(model, teacher.prediction if prediction is None else prediction, teacher.schedule)
     raise TypeError(f"{name}: expected a fewstep.Denoiser, an nn.Module or None, got {type(model).__name__}")
+
+
+def device_of(*modules: Optional[nn.Module]) -> torch.device:
+    """Where the first of ``modules`` that holds a tensor lives (CPU if none): a method builds its
+    step tables there, so a method made of CUDA models needs no ``.to(device)`` of its own."""
+    for module in modules:
+        if isinstance(module, nn.Module):
+            for tensor in itertools.chain(module.parameters(), module.buffers()):
+                return tensor.device
+    return torch.device("cpu")
 
 
 def check_teacher(teacher) -> Denoiser:

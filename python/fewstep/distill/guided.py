@@ -36,7 +36,7 @@ from fewstep import losses
 from fewstep.denoiser import Denoiser
 from fewstep.distill import _guidance
 from fewstep.distill.base import DistillationMethod
-from fewstep.distill.common import batch_noise, check_teacher, conditions, ddim_sample, guided, spaced_timesteps
+from fewstep.distill.common import batch_noise, check_teacher, conditions, ddim_sample, device_of, guided, spaced_timesteps
 
 
 class GuidedDistillation(DistillationMethod):
@@ -75,11 +75,12 @@ class GuidedDistillation(DistillationMethod):
         self.w_embedding_kwarg = w_embedding_kwarg
         self.progressive_teacher: Optional[Denoiser] = None
         self.stage = 1
+        abar = abar.to(device_of(self.student, teacher))
         # alpha and sigma at timestep + 1: index 0 is the clean end of every grid
         self.register_buffer("alphas", torch.cat([abar.new_ones(1), abar.sqrt()]), persistent=False)
         self.register_buffer("sigmas", torch.cat([abar.new_zeros(1), (1 - abar).sqrt()]), persistent=False)
         self.register_buffer("weights", (abar / (1 - abar)).clamp_min(1.0), persistent=False)
-        self.register_buffer("teacher_grid", torch.zeros(0, dtype=torch.int64), persistent=False)
+        self.register_buffer("teacher_grid", torch.zeros(0, dtype=torch.int64, device=abar.device), persistent=False)
 
     def parameters_of(self, phase: str) -> list[nn.Parameter]:
         self.check_phase(phase)

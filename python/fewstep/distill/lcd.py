@@ -26,7 +26,7 @@ from fewstep import losses, samplers
 from fewstep.denoiser import Denoiser
 from fewstep.distill import _guidance
 from fewstep.distill.base import DistillationMethod
-from fewstep.distill.common import batch_noise, check_teacher, conditions
+from fewstep.distill.common import batch_noise, check_teacher, conditions, device_of
 from fewstep.distill.lora import has_lora, lora_disabled
 from fewstep.ops.ema import ema_update_
 
@@ -97,8 +97,9 @@ class LCD(DistillationMethod):
         self.num_ddim_timesteps, self.skip = num_ddim_timesteps, skip
         step_ratio = steps // num_ddim_timesteps
         self.solver_step = skip * step_ratio
-        self.register_buffer("alphas_cumprod", abar, persistent=False)
-        self.register_buffer("ddim_timesteps", torch.arange(1, num_ddim_timesteps + 1) * step_ratio - 1,
+        device = device_of(student, teacher)
+        self.register_buffer("alphas_cumprod", abar.to(device), persistent=False)
+        self.register_buffer("ddim_timesteps", torch.arange(1, num_ddim_timesteps + 1, device=device) * step_ratio - 1,
                              persistent=False)
         betas = 1 - abar / torch.cat([abar.new_ones(1), abar[:-1]])
         self.sampler = samplers.LCMSampler(num_train_timesteps=steps, trained_betas=betas.tolist(),
