@@ -13,22 +13,10 @@ import fewstep
 from fewstep.demo.data import sliced_wasserstein2
 from fewstep.distill.boot import BOOT
 from fewstep.distill.common import ddim_sample
-from fewstep.toy import GaussianMixtureDenoiser
 
-SCHEDULE = fewstep.VPSchedule()
-ABAR = fewstep.samplers.schedules.alphas_cumprod()
+from toy_models import SCHEDULE, mixture
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def mixture(dim: int = 2) -> GaussianMixtureDenoiser:
-    return GaussianMixtureDenoiser(ABAR.float(), shape=(dim,), num_modes=4, std=0.15, seed=1)
 
 
 class MLP(nn.Module):

@@ -13,23 +13,10 @@ import fewstep
 from fewstep.demo.data import sliced_wasserstein2
 from fewstep.distill.dmd2 import DMD, DMD2
 from fewstep.distill.common import ddim_sample, spaced_timesteps
-from fewstep.toy import GaussianMixtureDenoiser
 
-SCHEDULE = fewstep.VPSchedule()
-ABAR = fewstep.samplers.schedules.alphas_cumprod()
+from toy_models import SCHEDULE, mixture
 
 
-@pytest.fixture
-def one_thread():
-    """The toy problems are tiny: one thread avoids oversubscribing a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def mixture(dim: int = 2, std: float = 0.15) -> GaussianMixtureDenoiser:
-    return GaussianMixtureDenoiser(ABAR.float(), shape=(dim,), num_modes=4, std=std, seed=1)
 
 
 class CondTeacher(nn.Module):

@@ -16,42 +16,10 @@ from fewstep.distill.common import ddim_sample, spaced_timesteps
 from fewstep.distill.guided import GuidedDistillation
 from fewstep.toy import GaussianMixtureDenoiser
 
-SCHEDULE = fewstep.VPSchedule()
-ABAR = fewstep.samplers.schedules.alphas_cumprod()
+from toy_models import ABAR, SCHEDULE, Affine, CondTeacher, affine_teacher as teacher
 
 
-@pytest.fixture
-def one_thread():
-    """The toy problems are tiny: one thread avoids oversubscribing a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
-
-class CondTeacher(nn.Module):
-    """eps-prediction 0.5 x_t + c: the condition offset c makes cond and uncond outputs differ."""
-
-    def forward(self, x, t, c=0.0):
-        return 0.5 * x + c
-
-
-class Affine(nn.Module):
-    """x0-prediction ``s x_t + b``; remembers the kwargs of its last call."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.s = nn.Parameter(torch.tensor(0.8, dtype=torch.float64))
-        self.b = nn.Parameter(torch.linspace(-0.3, 0.4, dim, dtype=torch.float64))
-        self.calls = []
-
-    def forward(self, x, t, **kwargs):
-        self.calls.append(kwargs)
-        return self.s * x + self.b
-
-
-def teacher() -> fewstep.Denoiser:
-    return fewstep.Denoiser(CondTeacher(), "eps", SCHEDULE)
 
 
 def method_with(student: nn.Module, **kwargs) -> GuidedDistillation:
