@@ -51,10 +51,12 @@ def scatter_panel(points: torch.Tensor, extent: float = 2.4) -> torch.Tensor:
 
 
 def image_grid_panel(images: torch.Tensor, shape: tuple[int, int], cols: int = 8) -> torch.Tensor:
-    """[n, h*w] images in [-1, 1] -> a [PANEL, PANEL] grid of the first cols×cols (nearest upscaled)."""
+    """[n, h*w] images in [-1, 1] -> a [PANEL, PANEL] grid of cols×cols of them, evenly spaced over
+    the n (the evaluation sets are ordered by class: every class shows), nearest upscaled."""
     h, w = shape
     n = min(images.shape[0], cols * cols)
-    imgs = ((images[:n].detach().float().cpu().view(n, h, w) + 1) / 2).clamp(0, 1)
+    picks = torch.linspace(0, images.shape[0] - 1, n).round().long()
+    imgs = ((images.detach().float().cpu()[picks].view(n, h, w) + 1) / 2).clamp(0, 1)
     cell = PANEL // cols
     scale = max(1, (cell - 1) // max(h, w))
     panel = torch.ones(PANEL, PANEL)
