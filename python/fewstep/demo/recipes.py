@@ -23,16 +23,17 @@ class Config:
     depth: int
     distill_steps: int
     dmd2_steps: int  # generator steps are a fifth of these (two time-scale update)
+    dmd2_batch_size: int
     batch_size: int
     seed: int = 0
 
 
 def config_for(name: str, quick: bool = False, seed: int = 0) -> Config:
     if quick:
-        return Config(teacher_steps=60, hidden=64, depth=2, distill_steps=20, dmd2_steps=20, batch_size=128, seed=seed)
+        return Config(teacher_steps=60, hidden=64, depth=2, distill_steps=20, dmd2_steps=20, dmd2_batch_size=128, batch_size=128, seed=seed)
     if name == "mixture2d":
-        return Config(teacher_steps=2500, hidden=128, depth=4, distill_steps=1000, dmd2_steps=1500, batch_size=256, seed=seed)
-    return Config(teacher_steps=3000, hidden=256, depth=4, distill_steps=1000, dmd2_steps=1500, batch_size=256, seed=seed)
+        return Config(teacher_steps=2500, hidden=128, depth=4, distill_steps=1000, dmd2_steps=2500, dmd2_batch_size=512, batch_size=256, seed=seed)
+    return Config(teacher_steps=3000, hidden=256, depth=4, distill_steps=1000, dmd2_steps=1500, dmd2_batch_size=256, batch_size=256, seed=seed)
 
 
 def train_teacher(ds: demo_data.Dataset, config: Config, device: torch.device, log) -> Denoiser:
@@ -91,19 +92,20 @@ def evaluate_teacher(teacher: Denoiser, ds: demo_data.Dataset, config: Config, d
 NULL_COND = {"class_labels": None}  # the teacher's null class: CFG's unconditional branch
 
 
-def batches(ds: demo_data.Dataset, config: Config, device: torch.device):
+def batches(ds: demo_data.Dataset, batch_size: int, device: torch.device):
     """The Trainer's data callable: a random training batch with its class labels."""
     x_all, y_all = ds.train_x.to(device), ds.train_y.to(device)
 
     def draw(index: int, generator: torch.Generator) -> dict:
-        idx = torch.randint(0, x_all.shape[0], (config.batch_size,), generator=generator, device=device)
+        idx = torch.randint(0, x_all.shape[0], (batch_size,), generator=generator, device=device)
         return {"x0": x_all[idx], "cond": {"class_labels": y_all[idx]}}
     return draw
 
 
 def train(method, ds: demo_data.Dataset, config: Config, device: torch.device, log, *, steps: int, lr,
-          ema=None) -> Trainer:
-    trainer = Trainer(method, batches(ds, config, device), max_steps=steps, lr=lr, mixed_precision="no",
+          ema=None, batch_size=None) -> Trainer:
+    data = batches(ds, batch_size or config.batch_size, device)
+    trainer = Trainer(method, data, max_steps=steps, lr=lr, mixed_precision="no",
                       clip_grad_norm=1.0, ema=ema, log_every=max(1, steps // 4), progress=False,
                       parallel="none", device=device, seed=config.seed)
     return trainer.train()
@@ -131,10 +133,15 @@ def distill_lcd(teacher: Denoiser, ds: demo_data.Dataset, config: Config, device
 
 
 def distill_dmd2(teacher: Denoiser, ds: demo_data.Dataset, config: Config, device: torch.device, log):
-    """One-step DMD2: generator and fake score start as copies of the teacher; two time-scale."""
-    method = DMD2(teacher, guidance_scale=1.0, num_steps=1, dfake_gen_update_ratio=5).to(device)
+    """One-step DMD2: generator and fake score start as copies of the teacher; two time-scale
+    updates; DMD2's GAN head on the fake score's last hidden features, fed with real data."""
+    hidden = config.hidden
+    head = torch.nn.Sequential(torch.nn.Linear(hidden, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, 1))
+    method = DMD2(teacher, guidance_scale=1.0, num_steps=1, dfake_gen_update_ratio=5, gan_head=head,
+                  gan_feature_layer=f"blocks.{config.depth - 1}", gan_generator_weight=0.05,
+                  gan_discriminator_weight=0.1).to(device)
     trainer = train(method, ds, config, device, log, steps=config.dmd2_steps, lr=1e-3,
-                    ema={"generator": (method.generator, 0.95)})
+                    batch_size=config.dmd2_batch_size, ema={"generator": (method.generator, 0.95)})
     # Sample with the EMA generator (the EMA holds its parameters; it has no buffers to miss).
     method.generator.load_state_dict(trainer.ema_state_dict("generator"), strict=True)
     return evaluate(method, "dmd2", "one-step", (1,), 1, ds, config, device)
