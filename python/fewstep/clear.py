@@ -123,6 +123,21 @@ class _LocalProcessor(nn.Module):
         return out.transpose(1, 2).flatten(2, 3)
 
 
+def _split_heads(attn, t: torch.Tensor) -> torch.Tensor:
+    """[B, N, heads*D] -> [B, heads, N, D]."""
+    return t.view(t.shape[0], -1, attn.heads, t.shape[-1] // attn.heads).transpose(1, 2)
+
+
+def _image_qkv(attn, hidden_states: torch.Tensor):
+    """The image tokens' q, k, v ([B, heads, N, D]) with the attention's q/k norms applied."""
+    query, key, value = (_split_heads(attn, proj(hidden_states)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value
+
+
 def _check_no_mask(attention_mask) -> None:
     if attention_mask is not None:
         raise ValueError("attention_mask: expected None (local-window attention takes no extra mask), got "
@@ -177,20 +192,11 @@ class JointLocalAttnProcessor(_LocalProcessor):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args,
                  **kwargs):
         _check_no_mask(attention_mask)
-        batch = hidden_states.shape[0]
-        heads = lambda t: t.view(batch, -1, attn.heads, t.shape[-1] // attn.heads).transpose(1, 2)  # noqa: E731
-        query = heads(attn.to_q(hidden_states))
-        key = heads(attn.to_k(hidden_states))
-        value = heads(attn.to_v(hidden_states))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = _image_qkv(attn, hidden_states)
         n_text = 0
         if encoder_hidden_states is not None:
-            text_q = heads(attn.add_q_proj(encoder_hidden_states))
-            text_k = heads(attn.add_k_proj(encoder_hidden_states))
-            text_v = heads(attn.add_v_proj(encoder_hidden_states))
+            text_q, text_k, text_v = (_split_heads(attn, proj(encoder_hidden_states))
+                                      for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
             if attn.norm_added_q is not None:
                 text_q = attn.norm_added_q(text_q)
             if attn.norm_added_k is not None:
@@ -226,15 +232,7 @@ class SelfLocalAttnProcessor(_LocalProcessor):
             hidden_states = hidden_states.flatten(2).transpose(1, 2)
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        batch = hidden_states.shape[0]
-        heads = lambda t: t.view(batch, -1, attn.heads, t.shape[-1] // attn.heads).transpose(1, 2)  # noqa: E731
-        query = heads(attn.to_q(hidden_states))
-        key = heads(attn.to_k(hidden_states))
-        value = heads(attn.to_v(hidden_states))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = _image_qkv(attn, hidden_states)
         out = attn.to_out[1](attn.to_out[0](self.attend(query, key, value, 0)))
         if len(image_shape) == 4:
             out = out.transpose(1, 2).reshape(image_shape)
