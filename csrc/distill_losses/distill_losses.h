@@ -19,12 +19,7 @@
 #include <cstdint>
 
 #include "fewstep/dtype.h"
-
-#ifdef __CUDACC__
-#define FEWSTEP_HOST_DEVICE __host__ __device__
-#else
-#define FEWSTEP_HOST_DEVICE
-#endif
+#include "fewstep/host_device.h"
 
 namespace fewstep {
 namespace distill_losses {

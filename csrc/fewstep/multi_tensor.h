@@ -10,11 +10,7 @@
 #include <memory>
 #include <vector>
 
-#ifdef __CUDACC__
-#define FEWSTEP_HOST_DEVICE __host__ __device__
-#else
-#define FEWSTEP_HOST_DEVICE
-#endif
+#include "fewstep/host_device.h"
 
 namespace fewstep {
 
