@@ -3,7 +3,6 @@ trajectory has zero loss, on VP and flow schedules), the loss gradient against a
 one, sampling, bad input, and a real data-free 1-step distillation of an exact mixture teacher."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -14,20 +13,10 @@ from fewstep.demo.data import sliced_wasserstein2
 from fewstep.distill.boot import BOOT
 from fewstep.distill.common import ddim_sample
 
-from toy_models import SCHEDULE, mixture
+from toy_models import MLP, SCHEDULE, mixture
 
 
 
-
-class MLP(nn.Module):
-    def __init__(self, dim: int = 2, hidden: int = 128):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim + 2, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, dim))
-
-    def forward(self, x, t):
-        phase = math.pi * t.to(x.dtype).reshape(-1, 1).expand(x.shape[0], 1) / 1000
-        return self.net(torch.cat([x, phase.sin(), phase.cos()], 1))
 
 
 class Trajectory(nn.Module):

@@ -3,7 +3,6 @@ simulation's timesteps, GAN and regression terms, bad input, and a real 1-step d
 exact Gaussian-mixture teacher."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from fewstep.demo.data import sliced_wasserstein2
 from fewstep.distill.dmd2 import DMD, DMD2
 from fewstep.distill.common import ddim_sample, spaced_timesteps
 
-from toy_models import SCHEDULE, mixture
+from toy_models import MLP, SCHEDULE, mixture
 
 
 
@@ -51,16 +50,6 @@ class Scale(nn.Module):
     def forward(self, x, t, **cond):
         return self.w * x
 
-
-class MLP(nn.Module):
-    def __init__(self, dim: int = 2, hidden: int = 128):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim + 2, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, dim))
-
-    def forward(self, x, t):
-        phase = math.pi * t.to(x.dtype).reshape(-1, 1).expand(x.shape[0], 1) / 1000
-        return self.net(torch.cat([x, phase.sin(), phase.cos()], 1))
 
 
 

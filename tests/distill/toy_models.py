@@ -1,5 +1,7 @@
 """Small models the method tests share: affine models whose losses can be computed by hand, and
 the exact Gaussian-mixture teacher."""
+import math
+
 import torch
 from torch import nn
 
@@ -37,3 +39,16 @@ def affine_teacher() -> fewstep.Denoiser:
 
 def mixture(dim: int = 2, std: float = 0.15) -> GaussianMixtureDenoiser:
     return GaussianMixtureDenoiser(ABAR.float(), shape=(dim,), num_modes=4, std=std, seed=1)
+
+
+class MLP(nn.Module):
+    """A small time-conditioned student for the distillation checks."""
+
+    def __init__(self, dim: int = 2, hidden: int = 128):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim + 2, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, dim))
+
+    def forward(self, x, t):
+        phase = math.pi * t.to(x.dtype).reshape(-1, 1).expand(x.shape[0], 1) / 1000
+        return self.net(torch.cat([x, phase.sin(), phase.cos()], 1))
