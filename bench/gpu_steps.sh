@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU-machine call in steps, each under its own time limit, most important first, so a call
 # cut short by its budget still returns what it measured. Build once, then for each
-# "LIMIT_S:KIND:ARGS" step: KIND=test runs pytest ARGS, KIND=bench runs bench/run_gpu.py ARGS.
+# "LIMIT_S:KIND:ARGS" step: KIND=test runs pytest ARGS, KIND=bench runs bench/run_gpu.py ARGS,
+# KIND=cmd runs ARGS as a shell command (a sweep script, compute-sanitizer around pytest).
 #   bash bench/gpu_steps.sh "120:test:tests/gpu/test_adamw_gpu.py" "90:bench:--only adamw"
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
@@ -31,6 +32,9 @@ for step in "$@"; do
   if [ "$kind" = test ]; then
     timeout "$limit" python3 -m pytest $args -q -ra -p no:cacheprovider >"$OUT/step$n-tests.log" 2>&1
     rc=$?; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/step$n-tests.log" | tail -20
+  elif [ "$kind" = cmd ]; then
+    timeout "$limit" bash -c "$args" >"$OUT/step$n-cmd.log" 2>&1
+    rc=$?; tail -40 "$OUT/step$n-cmd.log"
   else
     timeout "$limit" python3 bench/run_gpu.py --out "$OUT" $args >"$OUT/step$n-bench.log" 2>&1
     rc=$?; tail -40 "$OUT/step$n-bench.log"

@@ -114,7 +114,12 @@ def run(rec):
     from fewstep.triton.local_window_attention import compiled_kernel_count
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    flex = torch.compile(flex_attention, dynamic=False)
+
+    def compiled_flex():
+        # A fresh compile per mask: one compiled function reused across masks and shapes hits
+        # dynamo's recompile limit and silently falls back to eager (dense math, out of memory at 128^2).
+        torch._dynamo.reset()
+        return torch.compile(flex_attention, dynamic=False)
     # Warm fewstep's kernels (compiled once, for every grid and radius) at a shape outside the table.
     warm = torch.randn(1, HEADS, 7 + 5 * 9, HEAD_DIM, device="cuda", dtype=DTYPE, requires_grad=True)
     fewstep.local_window_attention(warm, warm, warm, grid=(5, 9), n_text=7, radius=3.0).sum().backward()
@@ -153,6 +158,8 @@ def run(rec):
             torch.cuda.synchronize()
             rec.add(SUITE, case, "flex raster: block mask build", DTYPE, (time.perf_counter() - start) * 1e3)
 
+            flex = compiled_flex()
+
             def attend(q, k, v):
                 return flex(q, k, v, block_mask=mask)
             _record(rec, case, "flex raster (CLEAR)", _time(attend, with_backward, (q, k, v)), flops)
@@ -161,6 +168,7 @@ def run(rec):
             mask = create_block_mask(tiled_mask_mod(h, w, radius), None, None, h * w, h * w, device="cuda",
                                      BLOCK_SIZE=128, _compile=True)
             image = [t[:, :, n_text:].contiguous() for t in (q, k, v)]  # the order only matters to the mask
+            flex = compiled_flex()
 
             def attend(q, k, v):
                 return flex(q, k, v, block_mask=mask)

@@ -35,7 +35,16 @@ def spills(ptx: str) -> str:
                      if "spill" in line or "registers" in line)
 
 
-def compile_kernel(fn, pointer_type: str, constexprs: dict, num_warps: int, num_stages: int) -> str:
+def _descriptor_type(name: str, dtype_name: str, tiles, head_dim: int) -> str:
+    """Signature of a descriptor argument: q_/o_/do_/dq_ blocks are query blocks, k_/v_/dk_/dv_ key
+    blocks; *_img are [1, rows, cols, D] tiles, the others [1, block, D] row blocks."""
+    query = name.split("_")[0] in ("q", "o", "do", "dq")
+    rows, cols = (tiles.ty, tiles.tx) if query else (tiles.ky, tiles.kx)
+    block = [1, rows, cols, head_dim] if name.endswith("_img") else [1, rows * cols, head_dim]
+    return f"tensordesc<{dtype_name}[{','.join(map(str, block))}]>"
+
+
+def compile_kernel(fn, dtype_name: str, tiles, constexprs: dict) -> str:
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -44,14 +53,14 @@ def compile_kernel(fn, pointer_type: str, constexprs: dict, num_warps: int, num_
             signature[name] = "*fp32"
         elif name in ("qk_scale", "scale"):
             signature[name] = "fp32"
-        elif name[0].isupper() or name.startswith("d"):  # tensors: Q, K, ..., dO, dK, ...
-            signature[name] = pointer_type
+        elif "_" in name and name.split("_")[-1] in ("txt", "seq", "img", "ext"):
+            signature[name] = _descriptor_type(name, dtype_name, tiles, constexprs["HEAD_DIM"])
         else:
             signature[name] = "i32"
     source = ASTSource(fn=fn, signature=signature,
                        constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages))
+                              options=dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages))
     return spills(compiled.asm["ptx"])
 
 
@@ -63,16 +72,12 @@ def main():
     for dtype_name in args.dtypes.split(","):
         dtype = DTYPES[dtype_name]
         for head_dim in map(int, args.head_dims.split(",")):
-            forward, kv_grad, q_grad = kernel_tiles(head_dim, dtype)
-            common = dict(HEAD_DIM=head_dim, CIRCLE=True, HAS_TEXT=True,
-                          PRECISION="ieee" if dtype == torch.float32 else "tf32")
-            for fn, tiles, extra in ((kernels.forward_kernel, forward, dict(HAS_EXTRA=True)),
-                                     (kernels.kv_grad_kernel, kv_grad, {}),
-                                     (kernels.q_grad_kernel, q_grad, dict(HAS_EXTRA=True))):
-                constexprs = dict(common, TY=tiles.ty, TX=tiles.tx, KY=tiles.ky, KX=tiles.kx, **extra)
-                report = compile_kernel(fn, "*" + dtype_name, constexprs, tiles.num_warps, tiles.num_stages)
+            for fn, tiles in zip((kernels.forward_kernel, kernels.kv_grad_kernel, kernels.q_grad_kernel),
+                                 kernel_tiles(head_dim, dtype)):
+                constexprs = dict(HEAD_DIM=head_dim, CIRCLE=True, TY=tiles.ty, TX=tiles.tx, KY=tiles.ky,
+                                  KX=tiles.kx, PRECISION="ieee" if dtype == torch.float32 else "tf32")
+                report = compile_kernel(fn, dtype_name, tiles, constexprs)
                 print(f"{fn.__name__:15s} {dtype_name} D={head_dim:3d} {tiles}: {report}", flush=True)
-
 
 if __name__ == "__main__":
     main()

@@ -181,6 +181,7 @@ def test_gpu_errors_name_the_argument():
         fewstep.local_window_attention(q, q, q, grid=(6, 5), n_text=7, radius=2.0)
     with fewstep.backend("cuda"), pytest.raises(fewstep.BackendUnavailableError, match="local_window_attention: backend 'cuda' is unavailable"):
         fewstep.local_window_attention(q, q, q, grid=(6, 5), n_text=7, radius=2.0)
-    k = torch.randn(1, 2, 37, 64, device="cuda", dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match=r"^k: expected shape \[1, kv_heads, 37, 48\]"):
+    q = torch.randn(1, 2, 37, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 2, 37, 48, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"^k: expected shape \[1, kv_heads, 37, 64\]"):
         fewstep.local_window_attention(q, k, k, grid=(6, 5), n_text=7, radius=2.0)

@@ -1,6 +1,13 @@
 """The @triton.jit kernels of local-window attention (imported on first launch, so that fewstep
 imports without Triton); launched from :mod:`fewstep.triton.local_window_attention`, whose
-docstring and docs/attention.md describe the design."""
+docstring and docs/attention.md describe the design.
+
+Every [rows, HEAD_DIM] operand block moves through a tensor descriptor (TMA on sm_90): image
+tiles through 4-D descriptors [B*heads, grid_h, grid_w, D] with [1, TY, TX, D] blocks, text,
+whole-sequence and extra-token blocks through 3-D ones [B*heads, n, D]. Out-of-range rows load as
+zeros and are not stored, so border tiles need no pointer masks; only the softmax mask of keys
+outside the grid remains.
+"""
 from __future__ import annotations
 
 import functools
@@ -13,6 +20,7 @@ import triton.language as tl
 RUNTIME_INTS = ["heads", "group", "n_tokens", "n_text", "grid_h", "grid_w", "n_extra", "tiles_x",
                 "n_text_blocks", "n_image_tiles", "reach_y", "reach_x", "max_d2", "n_rows"]
 jit = functools.partial(triton.jit, do_not_specialize=RUNTIME_INTS)
+LN2_INV = tl.constexpr(1.4426950408889634)  # 1 / ln 2
 
 
 @triton.jit
@@ -41,123 +49,155 @@ def admitted(qy, qx, ky, kx, reach_y, reach_x, max_d2, CIRCLE: tl.constexpr):
 
 
 @triton.jit
-def tile_inside(qy0, qy1, qx0, qx1, ky0, ky1, kx0, kx1, reach_y, reach_x, max_d2, CIRCLE: tl.constexpr):
-    """Whether every query of [qy0, qy1] x [qx0, qx1] admits every key of [ky0, ky1] x [kx0, kx1]."""
-    far_y = tl.maximum(ky1 - qy0, qy1 - ky0)
-    far_x = tl.maximum(kx1 - qx0, qx1 - kx0)
+def image_mask(qy, qx, ky0, kx0, grid_h, grid_w, reach_y, reach_x, max_d2, KY: tl.constexpr, KX: tl.constexpr,
+               CIRCLE: tl.constexpr):
+    """[queries, keys] mask of the KY x KX key tile at (ky0, kx0): the pattern, and keys inside the grid."""
+    offs_n = tl.arange(0, KY * KX)
+    ky = ky0 + offs_n // KX
+    kx = kx0 + offs_n % KX
+    return admitted(qy, qx, ky, kx, reach_y, reach_x, max_d2, CIRCLE) & ((ky < grid_h) & (kx < grid_w))[None, :]
+
+
+@triton.jit
+def tile_inside(ay0, ay1, ax0, ax1, by0, by1, bx0, bx1, reach_y, reach_x, max_d2, CIRCLE: tl.constexpr):
+    """Whether every position of [ay0, ay1] x [ax0, ax1] admits every one of [by0, by1] x [bx0, bx1]."""
+    far_y = tl.maximum(by1 - ay0, ay1 - by0)
+    far_x = tl.maximum(bx1 - ax0, ax1 - bx0)
     if CIRCLE:
         return far_y * far_y + far_x * far_x <= max_d2
     else:
         return (far_y <= reach_y) & (far_x <= reach_x)
 
 
+# Tile walk: the tiles of ROWS x COLS grid positions that the pattern around a fixed rectangle
+# [fy0, fy1] x [fx0, fx1] reaches, row of tiles by row of tiles, each row only over the columns
+# the pattern can reach at that row's vertical gap. One flat loop of `walk_count` iterations
+# advances (y0, x0) with `walk_next`, so Triton pipelines the loads across rows too.
+
 @triton.jit
-def load_rows(base, rows, ok, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr):
-    """[len(rows), HEAD_DIM] of a row-major block; the pointers are built here, at the load, so
-    that only the 1-D row index stays live in registers across a loop body."""
-    ptrs = base + rows[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
-    if MASKED:
-        return tl.load(ptrs, mask=ok[:, None], other=0.0)
-    else:
-        return tl.load(ptrs)
+def walk_row(y0, fy0, fy1, fx0, fx1, grid_h, grid_w, reach_x, max_d2, ROWS: tl.constexpr,
+             CIRCLE: tl.constexpr):
+    """Column range [lo, hi) of the tile row starting at y0."""
+    gap_y = tl.maximum(tl.maximum(y0 - fy1, fy0 - (tl.minimum(y0 + ROWS, grid_h) - 1)), 0)
+    dx = x_reach(gap_y, reach_x, max_d2, CIRCLE)
+    return tl.maximum(fx0 - dx, 0), tl.minimum(fx1 + dx + 1, grid_w)
 
 
 @triton.jit
-def online_step(acc, m_i, l_i, q, k_base, v_base, cols, key_ok, allowed, qk_scale, HEAD_DIM: tl.constexpr,
-                MASKED: tl.constexpr, PRECISION: tl.constexpr):
-    """One key block of the online softmax (base-2 exponent); ``allowed`` [M, N] when MASKED."""
-    k = load_rows(k_base, cols, key_ok, HEAD_DIM, MASKED)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    if MASKED:
-        s = tl.where(allowed, s, float("-inf"))
+def walk_count(fy0, fy1, fx0, fx1, grid_h, grid_w, reach_y, reach_x, max_d2, ROWS: tl.constexpr,
+               COLS: tl.constexpr, CIRCLE: tl.constexpr):
+    """First tile row and the number of tiles of the walk."""
+    y_first = tl.maximum(fy0 - reach_y, 0)
+    n = 0
+    for y0 in range(y_first, tl.minimum(fy1 + reach_y + 1, grid_h), ROWS):
+        lo, hi = walk_row(y0, fy0, fy1, fx0, fx1, grid_h, grid_w, reach_x, max_d2, ROWS, CIRCLE)
+        n += tl.cdiv(hi - lo, COLS)
+    return y_first, n
+
+
+@triton.jit
+def walk_next(y0, x0, hi, fy0, fy1, fx0, fx1, grid_h, grid_w, reach_x, max_d2, ROWS: tl.constexpr,
+              COLS: tl.constexpr, CIRCLE: tl.constexpr):
+    """The tile after (y0, x0) in a row ending at hi: (y0, x0, hi) of the next tile."""
+    x0 += COLS
+    next_row = x0 >= hi
+    y0 = tl.where(next_row, y0 + ROWS, y0)
+    lo, new_hi = walk_row(y0, fy0, fy1, fx0, fx1, grid_h, grid_w, reach_x, max_d2, ROWS, CIRCLE)
+    return y0, tl.where(next_row, lo, x0), tl.where(next_row, new_hi, hi)
+
+
+@triton.jit
+def load_tile(desc, bh, y0, x0, ROWS: tl.constexpr, COLS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """[ROWS*COLS, HEAD_DIM] image tile at grid position (y0, x0); zeros outside the grid."""
+    return desc.load([bh, y0, x0, 0]).reshape(ROWS * COLS, HEAD_DIM)
+
+
+@triton.jit
+def load_block(desc, bh, row0, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """[BLOCK, HEAD_DIM] contiguous rows from row0 of a [B*heads, n, D] descriptor; zeros past n."""
+    return desc.load([bh, row0, 0]).reshape(BLOCK, HEAD_DIM)
+
+
+@triton.jit
+def online_update(acc, m_i, l_i, s, v, PRECISION: tl.constexpr):
+    """One key block of the online softmax from its (masked, base-2 scaled) scores s [M, N]."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = load_rows(v_base, cols, key_ok, HEAD_DIM, MASKED)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, m_new, l_i
 
 
 @triton.jit
-def attend_contiguous(acc, m_i, l_i, q, k_base, v_base, n_keys, qk_scale, BLOCK_N: tl.constexpr,
+def attend_contiguous(acc, m_i, l_i, q, k_desc, v_desc, kv_bh, n_keys, qk_scale, BLOCK_N: tl.constexpr,
                       HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
-    """Keys 0..n_keys of a contiguous [n, HEAD_DIM] block, all admitted."""
+    """Keys 0..n_keys of a [B*kv_heads, n, D] descriptor, all admitted."""
     offs_n = tl.arange(0, BLOCK_N)
     for start in range(0, n_keys, BLOCK_N):
-        cols = start + offs_n
-        key_ok = cols < n_keys
-        acc, m_i, l_i = online_step(acc, m_i, l_i, q, k_base, v_base, cols, key_ok, key_ok[None, :], qk_scale,
-                                    HEAD_DIM, True, PRECISION)
+        k = load_block(k_desc, kv_bh, start, BLOCK_N, HEAD_DIM)
+        v = load_block(v_desc, kv_bh, start, BLOCK_N, HEAD_DIM)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.where(((start + offs_n) < n_keys)[None, :], s, float("-inf"))
+        acc, m_i, l_i = online_update(acc, m_i, l_i, s, v, PRECISION)
     return acc, m_i, l_i
 
 
 @jit
-def forward_kernel(Q, K, V, EK, EV, Out, Lse, heads, group, n_tokens, n_text, grid_h, grid_w, n_extra,
-                   tiles_x, n_text_blocks, reach_y, reach_x, max_d2, qk_scale,
-                   HEAD_DIM: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr, KY: tl.constexpr,
-                   KX: tl.constexpr, CIRCLE: tl.constexpr, HAS_TEXT: tl.constexpr,
-                   HAS_EXTRA: tl.constexpr, PRECISION: tl.constexpr):
+def forward_kernel(q_txt, q_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, o_txt, o_img, Lse, heads, group,
+                   n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x, n_text_blocks, reach_y, reach_x, max_d2,
+                   qk_scale, HEAD_DIM: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr, KY: tl.constexpr,
+                   KX: tl.constexpr, CIRCLE: tl.constexpr, PRECISION: tl.constexpr):
     BLOCK_M: tl.constexpr = TY * TX
     BLOCK_N: tl.constexpr = KY * KX
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     kv_bh = (bh // heads) * (heads // group) + (bh % heads) // group
-    q_base = Q + bh.to(tl.int64) * n_tokens * HEAD_DIM
-    k_base = K + kv_bh.to(tl.int64) * n_tokens * HEAD_DIM
-    v_base = V + kv_bh.to(tl.int64) * n_tokens * HEAD_DIM
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: a fully masked block gives p = 0, not NaN
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if tile < n_text_blocks:  # text queries (first: they are the longest programs) see every key
-        rows = tile * BLOCK_M + offs_m
-        row_ok = rows < n_text
-        q = load_rows(q_base, rows, row_ok, HEAD_DIM, True)
-        acc, m_i, l_i = attend_contiguous(acc, m_i, l_i, q, k_base, v_base, n_tokens, qk_scale, BLOCK_N,
+        row0 = tile * BLOCK_M
+        q = load_block(q_txt, bh, row0, BLOCK_M, HEAD_DIM)
+        acc, m_i, l_i = attend_contiguous(acc, m_i, l_i, q, k_seq, v_seq, kv_bh, n_tokens, qk_scale, BLOCK_N,
                                           HEAD_DIM, PRECISION)
+        out = acc / l_i[:, None]
+        o_txt.store([bh, row0, 0], out.to(q.dtype).reshape(1, BLOCK_M, HEAD_DIM))  # clipped at n_text
+        rows = row0 + offs_m
+        row_ok = rows < n_text
     else:
         image_tile = tile - n_text_blocks
         qy0 = (image_tile // tiles_x) * TY
         qx0 = (image_tile % tiles_x) * TX
         qy = qy0 + offs_m // TX
         qx = qx0 + offs_m % TX
-        row_ok = (qy < grid_h) & (qx < grid_w)
-        rows = n_text + qy * grid_w + qx
-        q = load_rows(q_base, rows, row_ok, HEAD_DIM, True)
-        if HAS_TEXT:
-            acc, m_i, l_i = attend_contiguous(acc, m_i, l_i, q, k_base, v_base, n_text, qk_scale, BLOCK_N,
-                                              HEAD_DIM, PRECISION)
+        q = load_tile(q_img, bh, qy0, qx0, TY, TX, HEAD_DIM)
+        acc, m_i, l_i = attend_contiguous(acc, m_i, l_i, q, k_seq, v_seq, kv_bh, n_text, qk_scale, BLOCK_N,
+                                          HEAD_DIM, PRECISION)
         qy1 = tl.minimum(qy0 + TY, grid_h) - 1
         qx1 = tl.minimum(qx0 + TX, grid_w) - 1
-        for ky0 in range(tl.maximum(qy0 - reach_y, 0), tl.minimum(qy1 + reach_y + 1, grid_h), KY):
-            ky1 = tl.minimum(ky0 + KY, grid_h) - 1
-            gap_y = tl.maximum(tl.maximum(ky0 - qy1, qy0 - ky1), 0)
-            dx_reach = x_reach(gap_y, reach_x, max_d2, CIRCLE)
-            ky = ky0 + offs_n // KX
-            for kx0 in range(tl.maximum(qx0 - dx_reach, 0), tl.minimum(qx1 + dx_reach + 1, grid_w), KX):
-                kx = kx0 + offs_n % KX
-                cols = n_text + ky * grid_w + kx
-                inside = tile_inside(qy0, qy1, qx0, qx1, ky0, ky0 + KY - 1, kx0, kx0 + KX - 1, reach_y,
-                                     reach_x, max_d2, CIRCLE)
-                if inside & (ky0 + KY <= grid_h) & (kx0 + KX <= grid_w):
-                    acc, m_i, l_i = online_step(acc, m_i, l_i, q, k_base, v_base, cols, cols < 0, cols[None, :] < 0,
-                                                qk_scale, HEAD_DIM, False, PRECISION)
-                else:
-                    key_ok = (ky < grid_h) & (kx < grid_w)
-                    allowed = admitted(qy, qx, ky, kx, reach_y, reach_x, max_d2, CIRCLE) & key_ok[None, :]
-                    acc, m_i, l_i = online_step(acc, m_i, l_i, q, k_base, v_base, cols, key_ok, allowed, qk_scale,
-                                                HEAD_DIM, True, PRECISION)
-        if HAS_EXTRA:
-            e_off = kv_bh.to(tl.int64) * n_extra * HEAD_DIM
-            acc, m_i, l_i = attend_contiguous(acc, m_i, l_i, q, EK + e_off, EV + e_off, n_extra, qk_scale,
-                                              BLOCK_N, HEAD_DIM, PRECISION)
-    out = acc / l_i[:, None]
-    tl.store(Out + bh.to(tl.int64) * n_tokens * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :],
-             out.to(Out.dtype.element_ty), mask=row_ok[:, None])
-    lse = (m_i + tl.log2(l_i)) / 1.4426950408889634  # natural log
+        ky0, n_key_tiles = walk_count(qy0, qy1, qx0, qx1, grid_h, grid_w, reach_y, reach_x, max_d2, KY, KX, CIRCLE)
+        kx0, kx_end = walk_row(ky0, qy0, qy1, qx0, qx1, grid_h, grid_w, reach_x, max_d2, KY, CIRCLE)
+        for _ in range(n_key_tiles):
+            k = load_tile(k_img, kv_bh, ky0, kx0, KY, KX, HEAD_DIM)
+            v = load_tile(v_img, kv_bh, ky0, kx0, KY, KX, HEAD_DIM)
+            full = tile_inside(qy0, qy1, qx0, qx1, ky0, ky0 + KY - 1, kx0, kx0 + KX - 1, reach_y, reach_x,
+                               max_d2, CIRCLE) & (ky0 + KY <= grid_h) & (kx0 + KX <= grid_w)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            if not full:  # the element mask only on tiles the pattern or the grid border cuts
+                s = tl.where(image_mask(qy, qx, ky0, kx0, grid_h, grid_w, reach_y, reach_x, max_d2, KY, KX, CIRCLE),
+                             s, float("-inf"))
+            acc, m_i, l_i = online_update(acc, m_i, l_i, s, v, PRECISION)
+            ky0, kx0, kx_end = walk_next(ky0, kx0, kx_end, qy0, qy1, qx0, qx1, grid_h, grid_w, reach_x, max_d2,
+                                         KY, KX, CIRCLE)
+        acc, m_i, l_i = attend_contiguous(acc, m_i, l_i, q, k_ext, v_ext, kv_bh, n_extra, qk_scale, BLOCK_N,
+                                          HEAD_DIM, PRECISION)
+        out = acc / l_i[:, None]
+        o_img.store([bh, qy0, qx0, 0], out.to(q.dtype).reshape(1, TY, TX, HEAD_DIM))  # clipped at the grid
+        rows = n_text + qy * grid_w + qx
+        row_ok = (qy < grid_h) & (qx < grid_w)
+    lse = (m_i + tl.log2(l_i)) / LN2_INV  # natural log
     tl.store(Lse + bh.to(tl.int64) * n_tokens + rows, lse, mask=row_ok)
 
 
@@ -173,43 +213,44 @@ def delta_kernel(O, dO, Delta, n_rows, HEAD_DIM: tl.constexpr, BLOCK: tl.constex
 
 
 @triton.jit
-def kv_grad_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, rows, row_ok, allowed, qk_scale,
-                 HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
-    """dK/dV contributions of one query block (rows) to a key block, in transposed form [keys, queries]."""
-    q = load_rows(q_base, rows, row_ok, HEAD_DIM, True)
-    do = load_rows(do_base, rows, row_ok, HEAD_DIM, True)
-    lse2 = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
-    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
-    p_t = tl.exp2(s_t - lse2[None, :])
-    if MASKED:
-        p_t = tl.where(allowed, p_t, 0.0)
+def kv_grad_update(dk, dv, p_t, v, q, do, delta, PRECISION: tl.constexpr):
+    """dK/dV contributions of one query block from its probabilities p_t [keys, queries]."""
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
-    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
-    return dk, dv
+    return dk + tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION), dv
 
 
 @triton.jit
-def kv_grad_contiguous(dk, dv, k, v, q_base, do_base, lse_base, delta_base, row_start, row_end, qk_scale,
+def row_stats(Lse, Delta, bh, n_tokens, rows, row_ok):
+    """Base-2 lse (+inf on rows outside the sequence, so that p = 0 there) and delta of rows."""
+    offset = bh.to(tl.int64) * n_tokens
+    lse2 = tl.load(Lse + offset + rows, mask=row_ok, other=float("inf")) * LN2_INV
+    return lse2, tl.load(Delta + offset + rows, mask=row_ok, other=0.0)
+
+
+@triton.jit
+def kv_grad_contiguous(dk, dv, k, v, q_seq, do_seq, Lse, Delta, bh, n_tokens, row_start, row_end, qk_scale,
                        BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
     """Contributions of the contiguous query rows row_start..row_end, all admitting the key block."""
     offs_m = tl.arange(0, BLOCK_M)
     for start in range(row_start, row_end, BLOCK_M):
         rows = start + offs_m
-        row_ok = rows < row_end
-        dk, dv = kv_grad_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, rows, row_ok,
-                              row_ok[None, :], qk_scale, HEAD_DIM, False, PRECISION)
+        lse2, delta = row_stats(Lse, Delta, bh, n_tokens, rows, rows < row_end)
+        q = load_block(q_seq, bh, start, BLOCK_M, HEAD_DIM)
+        do = load_block(do_seq, bh, start, BLOCK_M, HEAD_DIM)
+        # query rows outside the range carry lse2 = +inf: p = 0 there
+        p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse2[None, :])
+        dk, dv = kv_grad_update(dk, dv, p_t, v, q, do, delta, PRECISION)
     return dk, dv
 
 
 @jit
-def kv_grad_kernel(Q, K, V, EK, EV, dO, Lse, Delta, dK, dV, dEK, dEV, heads, group, n_tokens, n_text,
-                   grid_h, grid_w, n_extra, tiles_x, n_text_blocks, n_image_tiles, reach_y, reach_x, max_d2,
-                   qk_scale, scale, HEAD_DIM: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr,
-                   KY: tl.constexpr, KX: tl.constexpr, CIRCLE: tl.constexpr, HAS_TEXT: tl.constexpr,
-                   PRECISION: tl.constexpr):
+def kv_grad_kernel(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_img, k_ext, v_ext, dk_txt, dv_txt,
+                   dk_img, dv_img, dk_ext, dv_ext, Lse, Delta, heads, group, n_tokens, n_text, grid_h, grid_w,
+                   n_extra, tiles_x, n_text_blocks, n_image_tiles, reach_y, reach_x, max_d2, qk_scale, scale,
+                   HEAD_DIM: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr, KY: tl.constexpr,
+                   KX: tl.constexpr, CIRCLE: tl.constexpr, PRECISION: tl.constexpr):
     """One program per key block and (batch, kv head): text key blocks, then 2-D image key
     tiles, then extra key blocks; sums over the query heads of the kv head's group."""
     BLOCK_M: tl.constexpr = TY * TX
@@ -217,177 +258,137 @@ def kv_grad_kernel(Q, K, V, EK, EV, dO, Lse, Delta, dK, dV, dEK, dEV, heads, gro
     tile = tl.program_id(0)
     kv_bh = tl.program_id(1)
     kv_heads = heads // group
-    b = kv_bh // kv_heads
-    offs_n = tl.arange(0, BLOCK_N)
+    first_bh = (kv_bh // kv_heads) * heads + (kv_bh % kv_heads) * group
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    kv_off = kv_bh.to(tl.int64) * n_tokens * HEAD_DIM
     if tile < n_text_blocks:  # text keys: every query row admits them
-        cols = tile * BLOCK_N + offs_n
-        col_ok = cols < n_text
-        k = load_rows(K + kv_off, cols, col_ok, HEAD_DIM, True)
-        v = load_rows(V + kv_off, cols, col_ok, HEAD_DIM, True)
+        col0 = tile * BLOCK_N
+        k = load_block(k_txt, kv_bh, col0, BLOCK_N, HEAD_DIM)
+        v = load_block(v_txt, kv_bh, col0, BLOCK_N, HEAD_DIM)
         for g in range(group):
-            bh = (b * heads + (kv_bh % kv_heads) * group + g).to(tl.int64)
-            dk, dv = kv_grad_contiguous(dk, dv, k, v, Q + bh * n_tokens * HEAD_DIM,
-                                        dO + bh * n_tokens * HEAD_DIM, Lse + bh * n_tokens,
-                                        Delta + bh * n_tokens, 0, n_tokens, qk_scale, BLOCK_M, HEAD_DIM,
-                                        PRECISION)
-        dk_base = dK + kv_off
-        dv_base = dV + kv_off
+            dk, dv = kv_grad_contiguous(dk, dv, k, v, q_seq, do_seq, Lse, Delta, first_bh + g, n_tokens, 0,
+                                        n_tokens, qk_scale, BLOCK_M, HEAD_DIM, PRECISION)
+        dk_txt.store([kv_bh, col0, 0], (dk * scale).to(k.dtype).reshape(1, BLOCK_N, HEAD_DIM))  # clipped at n_text
+        dv_txt.store([kv_bh, col0, 0], dv.to(k.dtype).reshape(1, BLOCK_N, HEAD_DIM))
     elif tile < n_text_blocks + n_image_tiles:
         image_tile = tile - n_text_blocks
         ky0 = (image_tile // tiles_x) * KY
         kx0 = (image_tile % tiles_x) * KX
         ky = ky0 + offs_n // KX
         kx = kx0 + offs_n % KX
-        col_ok = (ky < grid_h) & (kx < grid_w)
-        cols = n_text + ky * grid_w + kx
-        k = load_rows(K + kv_off, cols, col_ok, HEAD_DIM, True)
-        v = load_rows(V + kv_off, cols, col_ok, HEAD_DIM, True)
+        k = load_tile(k_img, kv_bh, ky0, kx0, KY, KX, HEAD_DIM)
+        v = load_tile(v_img, kv_bh, ky0, kx0, KY, KX, HEAD_DIM)
         ky1 = tl.minimum(ky0 + KY, grid_h) - 1
         kx1 = tl.minimum(kx0 + KX, grid_w) - 1
+        qy_first, n_query_tiles = walk_count(ky0, ky1, kx0, kx1, grid_h, grid_w, reach_y, reach_x, max_d2, TY, TX,
+                                             CIRCLE)
+        qx_first, qx_end_first = walk_row(qy_first, ky0, ky1, kx0, kx1, grid_h, grid_w, reach_x, max_d2, TY, CIRCLE)
         for g in range(group):
-            bh = (b * heads + (kv_bh % kv_heads) * group + g).to(tl.int64)
-            q_base = Q + bh * n_tokens * HEAD_DIM
-            do_base = dO + bh * n_tokens * HEAD_DIM
-            lse_base = Lse + bh * n_tokens
-            delta_base = Delta + bh * n_tokens
-            if HAS_TEXT:  # text queries see every image key
-                dk, dv = kv_grad_contiguous(dk, dv, k, v, q_base, do_base, lse_base, delta_base, 0, n_text,
-                                            qk_scale, BLOCK_M, HEAD_DIM, PRECISION)
-            for qy0 in range(tl.maximum(ky0 - reach_y, 0), tl.minimum(ky1 + reach_y + 1, grid_h), TY):
-                qy1 = tl.minimum(qy0 + TY, grid_h) - 1
-                gap_y = tl.maximum(tl.maximum(qy0 - ky1, ky0 - qy1), 0)
-                dx_reach = x_reach(gap_y, reach_x, max_d2, CIRCLE)
+            bh = first_bh + g
+            # text queries see every image key
+            dk, dv = kv_grad_contiguous(dk, dv, k, v, q_seq, do_seq, Lse, Delta, bh, n_tokens, 0, n_text,
+                                        qk_scale, BLOCK_M, HEAD_DIM, PRECISION)
+            qy0, qx0, qx_end = qy_first, qx_first, qx_end_first
+            for _ in range(n_query_tiles):
                 qy = qy0 + offs_m // TX
-                for qx0 in range(tl.maximum(kx0 - dx_reach, 0), tl.minimum(kx1 + dx_reach + 1, grid_w), TX):
-                    qx = qx0 + offs_m % TX
-                    row_ok = (qy < grid_h) & (qx < grid_w)
-                    rows = n_text + qy * grid_w + qx
-                    inside = tile_inside(qy0, qy0 + TY - 1, qx0, qx0 + TX - 1, ky0, ky1, kx0, kx1, reach_y,
-                                         reach_x, max_d2, CIRCLE)
-                    # out-of-grid keys of a border tile get gradients that are never stored
-                    if inside:
-                        dk, dv = kv_grad_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, rows,
-                                              row_ok, row_ok[None, :], qk_scale, HEAD_DIM, False, PRECISION)
-                    else:
-                        allowed = admitted(ky, kx, qy, qx, reach_y, reach_x, max_d2, CIRCLE)
-                        dk, dv = kv_grad_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, rows,
-                                              row_ok, allowed, qk_scale, HEAD_DIM, True, PRECISION)
-        dk_base = dK + kv_off
-        dv_base = dV + kv_off
+                qx = qx0 + offs_m % TX
+                lse2, delta = row_stats(Lse, Delta, bh, n_tokens, n_text + qy * grid_w + qx,
+                                        (qy < grid_h) & (qx < grid_w))
+                q = load_tile(q_img, bh, qy0, qx0, TY, TX, HEAD_DIM)
+                do = load_tile(do_img, bh, qy0, qx0, TY, TX, HEAD_DIM)
+                full = tile_inside(ky0, ky1, kx0, kx1, qy0, qy0 + TY - 1, qx0, qx0 + TX - 1, reach_y, reach_x,
+                                   max_d2, CIRCLE)
+                p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse2[None, :])
+                if not full:  # out-of-grid keys of a border tile get gradients that are never stored
+                    p_t = tl.where(admitted(ky, kx, qy, qx, reach_y, reach_x, max_d2, CIRCLE), p_t, 0.0)
+                dk, dv = kv_grad_update(dk, dv, p_t, v, q, do, delta, PRECISION)
+                qy0, qx0, qx_end = walk_next(qy0, qx0, qx_end, ky0, ky1, kx0, kx1, grid_h, grid_w, reach_x, max_d2,
+                                             TY, TX, CIRCLE)
+        dk_img.store([kv_bh, ky0, kx0, 0], (dk * scale).to(k.dtype).reshape(1, KY, KX, HEAD_DIM))
+        dv_img.store([kv_bh, ky0, kx0, 0], dv.to(k.dtype).reshape(1, KY, KX, HEAD_DIM))
     else:  # extra keys: every image query admits them, text queries do not
-        cols = (tile - n_text_blocks - n_image_tiles) * BLOCK_N + offs_n
-        col_ok = cols < n_extra
-        e_off = kv_bh.to(tl.int64) * n_extra * HEAD_DIM
-        k = load_rows(EK + e_off, cols, col_ok, HEAD_DIM, True)
-        v = load_rows(EV + e_off, cols, col_ok, HEAD_DIM, True)
+        col0 = (tile - n_text_blocks - n_image_tiles) * BLOCK_N
+        k = load_block(k_ext, kv_bh, col0, BLOCK_N, HEAD_DIM)
+        v = load_block(v_ext, kv_bh, col0, BLOCK_N, HEAD_DIM)
         for g in range(group):
-            bh = (b * heads + (kv_bh % kv_heads) * group + g).to(tl.int64)
-            dk, dv = kv_grad_contiguous(dk, dv, k, v, Q + bh * n_tokens * HEAD_DIM,
-                                        dO + bh * n_tokens * HEAD_DIM, Lse + bh * n_tokens,
-                                        Delta + bh * n_tokens, n_text, n_tokens, qk_scale, BLOCK_M, HEAD_DIM,
-                                        PRECISION)
-        dk_base = dEK + e_off
-        dv_base = dEV + e_off
-    out_ptrs = cols[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(dk_base + out_ptrs, (dk * scale).to(dK.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(dv_base + out_ptrs, dv.to(dV.dtype.element_ty), mask=col_ok[:, None])
+            dk, dv = kv_grad_contiguous(dk, dv, k, v, q_seq, do_seq, Lse, Delta, first_bh + g, n_tokens, n_text,
+                                        n_tokens, qk_scale, BLOCK_M, HEAD_DIM, PRECISION)
+        dk_ext.store([kv_bh, col0, 0], (dk * scale).to(k.dtype).reshape(1, BLOCK_N, HEAD_DIM))
+        dv_ext.store([kv_bh, col0, 0], dv.to(k.dtype).reshape(1, BLOCK_N, HEAD_DIM))
 
 
 @triton.jit
-def q_grad_step(dq, q, do, lse2, delta, k_base, v_base, cols, key_ok, allowed, qk_scale, HEAD_DIM: tl.constexpr,
-                MASKED: tl.constexpr, PRECISION: tl.constexpr):
-    """dQ contribution of one key block (before the final multiplication by scale)."""
-    k = load_rows(k_base, cols, key_ok, HEAD_DIM, MASKED)
-    v = load_rows(v_base, cols, key_ok, HEAD_DIM, MASKED)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    p = tl.exp2(s - lse2[:, None])
-    if MASKED:
-        p = tl.where(allowed, p, 0.0)
+def q_grad_update(dq, p, do, k, v, delta, PRECISION: tl.constexpr):
+    """dQ contribution of one key block from its probabilities p (before the final scale)."""
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
 
 @triton.jit
-def q_grad_contiguous(dq, q, do, lse2, delta, k_base, v_base, n_keys, qk_scale, BLOCK_N: tl.constexpr,
+def q_grad_contiguous(dq, q, do, lse2, delta, k_desc, v_desc, kv_bh, n_keys, qk_scale, BLOCK_N: tl.constexpr,
                       HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     for start in range(0, n_keys, BLOCK_N):
-        cols = start + offs_n
-        key_ok = cols < n_keys
-        dq = q_grad_step(dq, q, do, lse2, delta, k_base, v_base, cols, key_ok, key_ok[None, :], qk_scale,
-                         HEAD_DIM, True, PRECISION)
+        k = load_block(k_desc, kv_bh, start, BLOCK_N, HEAD_DIM)
+        v = load_block(v_desc, kv_bh, start, BLOCK_N, HEAD_DIM)
+        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None])
+        p = tl.where(((start + offs_n) < n_keys)[None, :], p, 0.0)
+        dq = q_grad_update(dq, p, do, k, v, delta, PRECISION)
     return dq
 
 
 @jit
-def q_grad_kernel(Q, K, V, EK, EV, dO, Lse, Delta, dQ, heads, group, n_tokens, n_text, grid_h, grid_w,
-                  n_extra, tiles_x, n_text_blocks, reach_y, reach_x, max_d2, qk_scale, scale,
-                  HEAD_DIM: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr, KY: tl.constexpr,
-                  KX: tl.constexpr, CIRCLE: tl.constexpr, HAS_TEXT: tl.constexpr, HAS_EXTRA: tl.constexpr,
-                  PRECISION: tl.constexpr):
+def q_grad_kernel(q_txt, do_txt, q_img, do_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, dq_txt, dq_img, Lse, Delta,
+                  heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x, n_text_blocks, reach_y, reach_x,
+                  max_d2, qk_scale, scale, HEAD_DIM: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr,
+                  KY: tl.constexpr, KX: tl.constexpr, CIRCLE: tl.constexpr, PRECISION: tl.constexpr):
     """One program per query tile (as the forward) and (batch, head)."""
     BLOCK_M: tl.constexpr = TY * TX
     BLOCK_N: tl.constexpr = KY * KX
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     kv_bh = (bh // heads) * (heads // group) + (bh % heads) // group
-    q_off = bh.to(tl.int64) * n_tokens * HEAD_DIM
-    k_base = K + kv_bh.to(tl.int64) * n_tokens * HEAD_DIM
-    v_base = V + kv_bh.to(tl.int64) * n_tokens * HEAD_DIM
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    image_tile = tl.maximum(tile - n_text_blocks, 0)  # grid coordinates, used by image programs only
-    qy0 = (image_tile // tiles_x) * TY
-    qx0 = (image_tile % tiles_x) * TX
-    qy = qy0 + offs_m // TX
-    qx = qx0 + offs_m % TX
     if tile < n_text_blocks:
-        rows = tile * BLOCK_M + offs_m
-        row_ok = rows < n_text
-    else:
-        row_ok = (qy < grid_h) & (qx < grid_w)
-        rows = n_text + qy * grid_w + qx
-    q = load_rows(Q + q_off, rows, row_ok, HEAD_DIM, True)
-    do = load_rows(dO + q_off, rows, row_ok, HEAD_DIM, True)
-    lse2 = tl.load(Lse + bh.to(tl.int64) * n_tokens + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(Delta + bh.to(tl.int64) * n_tokens + rows, mask=row_ok, other=0.0)
-    if tile < n_text_blocks:
-        dq = q_grad_contiguous(dq, q, do, lse2, delta, k_base, v_base, n_tokens, qk_scale, BLOCK_N, HEAD_DIM,
+        row0 = tile * BLOCK_M
+        rows = row0 + offs_m
+        lse2, delta = row_stats(Lse, Delta, bh, n_tokens, rows, rows < n_text)
+        q = load_block(q_txt, bh, row0, BLOCK_M, HEAD_DIM)
+        do = load_block(do_txt, bh, row0, BLOCK_M, HEAD_DIM)
+        dq = q_grad_contiguous(dq, q, do, lse2, delta, k_seq, v_seq, kv_bh, n_tokens, qk_scale, BLOCK_N, HEAD_DIM,
                                PRECISION)
+        dq_txt.store([bh, row0, 0], (dq * scale).to(q.dtype).reshape(1, BLOCK_M, HEAD_DIM))  # clipped at n_text
     else:
-        if HAS_TEXT:
-            dq = q_grad_contiguous(dq, q, do, lse2, delta, k_base, v_base, n_text, qk_scale, BLOCK_N,
-                                   HEAD_DIM, PRECISION)
+        image_tile = tile - n_text_blocks
+        qy0 = (image_tile // tiles_x) * TY
+        qx0 = (image_tile % tiles_x) * TX
+        qy = qy0 + offs_m // TX
+        qx = qx0 + offs_m % TX
+        lse2, delta = row_stats(Lse, Delta, bh, n_tokens, n_text + qy * grid_w + qx, (qy < grid_h) & (qx < grid_w))
+        q = load_tile(q_img, bh, qy0, qx0, TY, TX, HEAD_DIM)
+        do = load_tile(do_img, bh, qy0, qx0, TY, TX, HEAD_DIM)
+        dq = q_grad_contiguous(dq, q, do, lse2, delta, k_seq, v_seq, kv_bh, n_text, qk_scale, BLOCK_N, HEAD_DIM,
+                               PRECISION)
         qy1 = tl.minimum(qy0 + TY, grid_h) - 1
         qx1 = tl.minimum(qx0 + TX, grid_w) - 1
-        for ky0 in range(tl.maximum(qy0 - reach_y, 0), tl.minimum(qy1 + reach_y + 1, grid_h), KY):
-            ky1 = tl.minimum(ky0 + KY, grid_h) - 1
-            gap_y = tl.maximum(tl.maximum(ky0 - qy1, qy0 - ky1), 0)
-            dx_reach = x_reach(gap_y, reach_x, max_d2, CIRCLE)
-            ky = ky0 + offs_n // KX
-            for kx0 in range(tl.maximum(qx0 - dx_reach, 0), tl.minimum(qx1 + dx_reach + 1, grid_w), KX):
-                kx = kx0 + offs_n % KX
-                cols = n_text + ky * grid_w + kx
-                inside = tile_inside(qy0, qy1, qx0, qx1, ky0, ky0 + KY - 1, kx0, kx0 + KX - 1, reach_y,
-                                     reach_x, max_d2, CIRCLE)
-                if inside & (ky0 + KY <= grid_h) & (kx0 + KX <= grid_w):
-                    dq = q_grad_step(dq, q, do, lse2, delta, k_base, v_base, cols, cols < 0, cols[None, :] < 0,
-                                     qk_scale, HEAD_DIM, False, PRECISION)
-                else:
-                    key_ok = (ky < grid_h) & (kx < grid_w)
-                    allowed = admitted(qy, qx, ky, kx, reach_y, reach_x, max_d2, CIRCLE) & key_ok[None, :]
-                    dq = q_grad_step(dq, q, do, lse2, delta, k_base, v_base, cols, key_ok, allowed, qk_scale,
-                                     HEAD_DIM, True, PRECISION)
-        if HAS_EXTRA:
-            e_off = kv_bh.to(tl.int64) * n_extra * HEAD_DIM
-            dq = q_grad_contiguous(dq, q, do, lse2, delta, EK + e_off, EV + e_off, n_extra, qk_scale, BLOCK_N,
-                                   HEAD_DIM, PRECISION)
-    tl.store(dQ + q_off + rows[:, None] * HEAD_DIM + offs_d[None, :], (dq * scale).to(dQ.dtype.element_ty), mask=row_ok[:, None])
+        ky0, n_key_tiles = walk_count(qy0, qy1, qx0, qx1, grid_h, grid_w, reach_y, reach_x, max_d2, KY, KX, CIRCLE)
+        kx0, kx_end = walk_row(ky0, qy0, qy1, qx0, qx1, grid_h, grid_w, reach_x, max_d2, KY, CIRCLE)
+        for _ in range(n_key_tiles):
+            k = load_tile(k_img, kv_bh, ky0, kx0, KY, KX, HEAD_DIM)
+            v = load_tile(v_img, kv_bh, ky0, kx0, KY, KX, HEAD_DIM)
+            full = tile_inside(qy0, qy1, qx0, qx1, ky0, ky0 + KY - 1, kx0, kx0 + KX - 1, reach_y, reach_x,
+                               max_d2, CIRCLE) & (ky0 + KY <= grid_h) & (kx0 + KX <= grid_w)
+            p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None])
+            if not full:
+                p = tl.where(image_mask(qy, qx, ky0, kx0, grid_h, grid_w, reach_y, reach_x, max_d2, KY, KX, CIRCLE),
+                             p, 0.0)
+            dq = q_grad_update(dq, p, do, k, v, delta, PRECISION)
+            ky0, kx0, kx_end = walk_next(ky0, kx0, kx_end, qy0, qy1, qx0, qx1, grid_h, grid_w, reach_x, max_d2,
+                                         KY, KX, CIRCLE)
+        dq = q_grad_contiguous(dq, q, do, lse2, delta, k_ext, v_ext, kv_bh, n_extra, qk_scale, BLOCK_N, HEAD_DIM,
+                               PRECISION)
+        dq_img.store([bh, qy0, qx0, 0], (dq * scale).to(q.dtype).reshape(1, TY, TX, HEAD_DIM))  # clipped at the grid

@@ -60,11 +60,11 @@ def kernel_tiles(head_dim: int, dtype: torch.dtype) -> KernelTiles:
     if dtype == torch.float32:  # IEEE fp32 dots run on FMA units: small tiles (fp32 is the accuracy mode)
         warps = 4 if head_dim <= 64 else 8
         return KernelTiles(Tiles(4, 8, 2, 8, warps, 1), Tiles(2, 8, 2, 8, warps, 1), Tiles(2, 8, 2, 8, warps, 1))
-    # 16-bit: the largest tiles that ptxas compiles for sm_90 without (or with < 32 bytes of) spills.
-    if head_dim <= 64:
-        return KernelTiles(Tiles(8, 16, 4, 16, 8, 3), Tiles(4, 16, 2, 16, 4, 2), Tiles(8, 16, 2, 16, 8, 2))
+    # 16-bit, D <= 128: the fastest tiles of the H200 sweep (bench/local_window_attention_tiles_gpu.py,
+    # docs/attention.md): 8x8 queries against 8x8 keys in the forward and dQ (one warpgroup, the least
+    # wasted pairs on a circle), 64 keys (4x16) against 2x16 query tiles for dK/dV.
     if head_dim <= 128:
-        return KernelTiles(Tiles(8, 16, 2, 16, 8, 2), Tiles(4, 16, 2, 16, 8, 2), Tiles(8, 16, 2, 16, 8, 2))
+        return KernelTiles(Tiles(8, 8, 8, 8, 4, 3), Tiles(2, 16, 4, 16, 4, 2), Tiles(8, 8, 8, 8, 4, 2))
     return KernelTiles(Tiles(2, 16, 2, 16, 8, 1), Tiles(2, 16, 2, 16, 8, 1), Tiles(2, 16, 2, 16, 8, 1))
 
 
@@ -107,6 +107,24 @@ def _device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def _sequence(t: torch.Tensor, rows: int, block: int):
+    """Descriptor of rows 0..rows of a contiguous [B, heads, n, D] tensor as [B*heads, rows, D],
+    read and written in [1, block, D] blocks (zeros past ``rows``, stores clipped there)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    batch, heads, n, head_dim = t.shape
+    return TensorDescriptor(t, [batch * heads, max(rows, 1), head_dim], [n * head_dim, head_dim, 1],
+                            [1, block, head_dim])
+
+
+def _image(t: torch.Tensor, n_text: int, grid_h: int, grid_w: int, rows: int, cols: int):
+    """Descriptor of the image tokens of a contiguous [B, heads, N, D] tensor as
+    [B*heads, grid_h, grid_w, D], in [1, rows, cols, D] tiles (zeros outside the grid, stores clipped)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    batch, heads, n, head_dim = t.shape
+    return TensorDescriptor(t[:, :, n_text:], [batch * heads, grid_h, grid_w, head_dim],
+                            [n * head_dim, grid_w * head_dim, head_dim, 1], [1, rows, cols, head_dim])
+
+
 @torch.library.custom_op("fewstep::local_window_attention_triton", mutates_args=())
 def local_window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_k: Optional[torch.Tensor],
                                   extra_v: Optional[torch.Tensor], grid_h: int, grid_w: int, n_text: int,
@@ -118,24 +136,31 @@ def local_window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     batch, heads, n_tokens, head_dim = q.shape
     group = heads // k.shape[1]
-    has_extra = extra_k is not None  # checked non-empty
-    extra_k = extra_k.contiguous() if has_extra else k
-    extra_v = extra_v.contiguous() if has_extra else v
-    n_extra = extra_k.shape[2] if has_extra else 0
-    pattern = _pattern(grid_h, grid_w, radius, window_h, window_w)
     tiles = kernel_tiles(head_dim, q.dtype).forward
+    block_m, block_n = tiles.ty * tiles.tx, tiles.ky * tiles.kx
+    if extra_k is not None:  # checked non-empty
+        extra_k, extra_v = extra_k.contiguous(), extra_v.contiguous()
+        n_extra = extra_k.shape[2]
+        k_ext, v_ext = _sequence(extra_k, n_extra, block_n), _sequence(extra_v, n_extra, block_n)
+    else:
+        n_extra = 0
+        k_ext, v_ext = _sequence(k, n_tokens, block_n), _sequence(v, n_tokens, block_n)  # never read
+    pattern = _pattern(grid_h, grid_w, radius, window_h, window_w)
     out = torch.empty_like(q)
     lse = q.new_empty(q.shape[:3], dtype=lse_dtype_for(q.dtype))
     tiles_x = triton.cdiv(grid_w, tiles.tx)
-    n_text_blocks = triton.cdiv(n_text, tiles.ty * tiles.tx)
+    n_text_blocks = triton.cdiv(n_text, block_m)
     n_programs = n_text_blocks + triton.cdiv(grid_h, tiles.ty) * tiles_x
     with _device_guard(q):
         forward_kernel[(n_programs, batch * heads)](
-            q, k, v, extra_k, extra_v, out, lse, heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x,
-            n_text_blocks, pattern.reach_y, pattern.reach_x, pattern.max_d2, scale * LOG2E,
+            _sequence(q, n_text, block_m), _image(q, n_text, grid_h, grid_w, tiles.ty, tiles.tx),
+            _sequence(k, n_tokens, block_n), _sequence(v, n_tokens, block_n),
+            _image(k, n_text, grid_h, grid_w, tiles.ky, tiles.kx), _image(v, n_text, grid_h, grid_w, tiles.ky, tiles.kx),
+            k_ext, v_ext, _sequence(out, n_text, block_m), _image(out, n_text, grid_h, grid_w, tiles.ty, tiles.tx), lse,
+            heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x, n_text_blocks, pattern.reach_y,
+            pattern.reach_x, pattern.max_d2, scale * LOG2E,
             HEAD_DIM=head_dim, TY=tiles.ty, TX=tiles.tx, KY=tiles.ky, KX=tiles.kx, CIRCLE=pattern.circle,
-            HAS_TEXT=n_text > 0, HAS_EXTRA=has_extra, PRECISION=_precision(q.dtype),
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+            PRECISION=_precision(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out, lse
 
 
@@ -154,45 +179,58 @@ def local_window_attention_triton_backward(
     batch, heads, n_tokens, head_dim = q.shape
     kv_heads = k.shape[1]
     group = heads // kv_heads
-    has_extra = extra_k is not None  # checked non-empty
-    n_extra = extra_k.shape[2] if has_extra else 0
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    if has_extra:
-        extra_k, extra_v = extra_k.contiguous(), extra_v.contiguous()
-        dextra_k, dextra_v = torch.empty_like(extra_k), torch.empty_like(extra_v)
-    else:
-        dextra_k = k.new_empty(batch, kv_heads, 0, head_dim)
-        dextra_v = v.new_empty(batch, kv_heads, 0, head_dim)
     pattern = _pattern(grid_h, grid_w, radius, window_h, window_w)
     tiles, q_tiles = kernel_tiles(head_dim, q.dtype)[1:]
     precision = _precision(q.dtype)
     delta = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     n_rows = batch * heads * n_tokens
     delta_block = max(16, 4096 // head_dim)
+    block_m, block_n = tiles.ty * tiles.tx, tiles.ky * tiles.kx
+    if extra_k is not None:  # checked non-empty
+        extra_k, extra_v = extra_k.contiguous(), extra_v.contiguous()
+        dextra_k, dextra_v = torch.empty_like(extra_k), torch.empty_like(extra_v)
+        n_extra = extra_k.shape[2]
+        extras = [_sequence(t, n_extra, block_n) for t in (extra_k, extra_v, dextra_k, dextra_v)]
+    else:
+        dextra_k = k.new_empty(batch, kv_heads, 0, head_dim)
+        dextra_v = v.new_empty(batch, kv_heads, 0, head_dim)
+        n_extra = 0
+        extras = [_sequence(t, n_tokens, block_n) for t in (k, v, dk, dv)]  # never read or written
     with _device_guard(q):
         delta_kernel[(triton.cdiv(n_rows, delta_block),)](out, grad_out, delta, n_rows, HEAD_DIM=head_dim,
                                                           BLOCK=delta_block)
-        block_m, block_n = tiles.ty * tiles.tx, tiles.ky * tiles.kx
         key_tiles_x = triton.cdiv(grid_w, tiles.kx)
         n_image_key_tiles = triton.cdiv(grid_h, tiles.ky) * key_tiles_x
         n_text_key_blocks = triton.cdiv(n_text, block_n)
         n_kv_programs = n_text_key_blocks + n_image_key_tiles + triton.cdiv(n_extra, block_n)
+        key_tile = dict(n_text=n_text, grid_h=grid_h, grid_w=grid_w, rows=tiles.ky, cols=tiles.kx)
+        query_tile = dict(n_text=n_text, grid_h=grid_h, grid_w=grid_w, rows=tiles.ty, cols=tiles.tx)
         kv_grad_kernel[(n_kv_programs, batch * kv_heads)](
-            q, k, v, extra_k if has_extra else k, extra_v if has_extra else v, grad_out, lse, delta, dk, dv,
-            dextra_k if has_extra else dk, dextra_v if has_extra else dv, heads, group, n_tokens, n_text, grid_h,
-            grid_w, n_extra, key_tiles_x, n_text_key_blocks, n_image_key_tiles, pattern.reach_y, pattern.reach_x,
-            pattern.max_d2, scale * LOG2E, scale, HEAD_DIM=head_dim, TY=tiles.ty, TX=tiles.tx, KY=tiles.ky,
-            KX=tiles.kx, CIRCLE=pattern.circle, HAS_TEXT=n_text > 0, PRECISION=precision,
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+            _sequence(q, n_tokens, block_m), _sequence(grad_out, n_tokens, block_m), _image(q, **query_tile),
+            _image(grad_out, **query_tile), _sequence(k, n_text, block_n), _sequence(v, n_text, block_n),
+            _image(k, **key_tile), _image(v, **key_tile), extras[0], extras[1], _sequence(dk, n_text, block_n),
+            _sequence(dv, n_text, block_n), _image(dk, **key_tile), _image(dv, **key_tile), extras[2], extras[3],
+            lse, delta, heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, key_tiles_x, n_text_key_blocks,
+            n_image_key_tiles, pattern.reach_y, pattern.reach_x, pattern.max_d2, scale * LOG2E, scale,
+            HEAD_DIM=head_dim, TY=tiles.ty, TX=tiles.tx, KY=tiles.ky, KX=tiles.kx, CIRCLE=pattern.circle,
+            PRECISION=precision, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        block_m, block_n = q_tiles.ty * q_tiles.tx, q_tiles.ky * q_tiles.kx
+        key_tile = dict(n_text=n_text, grid_h=grid_h, grid_w=grid_w, rows=q_tiles.ky, cols=q_tiles.kx)
+        query_tile = dict(n_text=n_text, grid_h=grid_h, grid_w=grid_w, rows=q_tiles.ty, cols=q_tiles.tx)
         q_tiles_x = triton.cdiv(grid_w, q_tiles.tx)
-        n_text_query_blocks = triton.cdiv(n_text, q_tiles.ty * q_tiles.tx)
+        n_text_query_blocks = triton.cdiv(n_text, block_m)
         n_q_programs = n_text_query_blocks + triton.cdiv(grid_h, q_tiles.ty) * q_tiles_x
+        k_ext, v_ext = ((_sequence(extra_k, n_extra, block_n), _sequence(extra_v, n_extra, block_n)) if n_extra
+                        else (_sequence(k, n_tokens, block_n), _sequence(v, n_tokens, block_n)))
         q_grad_kernel[(n_q_programs, batch * heads)](
-            q, k, v, extra_k if has_extra else k, extra_v if has_extra else v, grad_out, lse, delta, dq, heads,
-            group, n_tokens, n_text, grid_h, grid_w, n_extra, q_tiles_x, n_text_query_blocks, pattern.reach_y,
-            pattern.reach_x, pattern.max_d2, scale * LOG2E, scale, HEAD_DIM=head_dim, TY=q_tiles.ty,
-            TX=q_tiles.tx, KY=q_tiles.ky, KX=q_tiles.kx, CIRCLE=pattern.circle, HAS_TEXT=n_text > 0,
-            HAS_EXTRA=has_extra, PRECISION=precision, num_warps=q_tiles.num_warps, num_stages=q_tiles.num_stages)
+            _sequence(q, n_text, block_m), _sequence(grad_out, n_text, block_m), _image(q, **query_tile),
+            _image(grad_out, **query_tile), _sequence(k, n_tokens, block_n), _sequence(v, n_tokens, block_n),
+            _image(k, **key_tile), _image(v, **key_tile), k_ext, v_ext, _sequence(dq, n_text, block_m),
+            _image(dq, **query_tile), lse, delta, heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, q_tiles_x,
+            n_text_query_blocks, pattern.reach_y, pattern.reach_x, pattern.max_d2, scale * LOG2E, scale,
+            HEAD_DIM=head_dim, TY=q_tiles.ty, TX=q_tiles.tx, KY=q_tiles.ky, KX=q_tiles.kx, CIRCLE=pattern.circle,
+            PRECISION=precision, num_warps=q_tiles.num_warps, num_stages=q_tiles.num_stages)
     return dq, dk, dv, dextra_k, dextra_v
 
 
