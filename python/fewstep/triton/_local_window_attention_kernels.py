@@ -107,6 +107,29 @@ def walk_next(y0, x0, hi, fy0, fy1, fx0, fx1, grid_h, grid_w, reach_x, max_d2, R
 
 
 @triton.jit
+def walk_start(fy0, fx0, grid_h, grid_w, reach_y, reach_x, max_d2, FY: tl.constexpr, FX: tl.constexpr,
+               ROWS: tl.constexpr, COLS: tl.constexpr, CIRCLE: tl.constexpr):
+    """The walk around the fixed FY x FX tile at (fy0, fx0): the tile's last row and column inside
+    the grid, the first tile (y0, x0) of the walk, the end of its first row and the number of tiles."""
+    fy1 = tl.minimum(fy0 + FY, grid_h) - 1
+    fx1 = tl.minimum(fx0 + FX, grid_w) - 1
+    y0, n = walk_count(fy0, fy1, fx0, fx1, grid_h, grid_w, reach_y, reach_x, max_d2, ROWS, COLS, CIRCLE)
+    x0, x_end = walk_row(y0, fy0, fy1, fx0, fx1, grid_h, grid_w, reach_x, max_d2, ROWS, CIRCLE)
+    return fy1, fx1, y0, x0, x_end, n
+
+
+@triton.jit
+def load_key_tile(k_img, v_img, kv_bh, qy0, qy1, qx0, qx1, ky0, kx0, grid_h, grid_w, reach_y, reach_x, max_d2,
+                  KY: tl.constexpr, KX: tl.constexpr, HEAD_DIM: tl.constexpr, CIRCLE: tl.constexpr):
+    """K and V of the KY x KX key tile at (ky0, kx0), and whether the tile needs no element mask: it
+    lies inside the grid and every query of [qy0, qy1] x [qx0, qx1] admits all of it."""
+    k = load_tile(k_img, kv_bh, ky0, kx0, KY, KX, HEAD_DIM)
+    v = load_tile(v_img, kv_bh, ky0, kx0, KY, KX, HEAD_DIM)
+    inside = tile_inside(qy0, qy1, qx0, qx1, ky0, ky0 + KY - 1, kx0, kx0 + KX - 1, reach_y, reach_x, max_d2, CIRCLE)
+    return k, v, inside & (ky0 + KY <= grid_h) & (kx0 + KX <= grid_w)
+
+
+@triton.jit
 def load_tile(desc, bh, y0, x0, ROWS: tl.constexpr, COLS: tl.constexpr, HEAD_DIM: tl.constexpr):
     """[ROWS*COLS, HEAD_DIM] image tile at grid position (y0, x0); zeros outside the grid."""
     return desc.load([bh, y0, x0, 0]).reshape(ROWS * COLS, HEAD_DIM)
@@ -175,15 +198,11 @@ def forward_kernel(q_txt, q_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, o_txt
         q = load_tile(q_img, bh, qy0, qx0, TY, TX, HEAD_DIM)
         acc, m_i, l_i = attend_contiguous(acc, m_i, l_i, q, k_seq, v_seq, kv_bh, n_text, qk_scale, BLOCK_N,
                                           HEAD_DIM, PRECISION)
-        qy1 = tl.minimum(qy0 + TY, grid_h) - 1
-        qx1 = tl.minimum(qx0 + TX, grid_w) - 1
-        ky0, n_key_tiles = walk_count(qy0, qy1, qx0, qx1, grid_h, grid_w, reach_y, reach_x, max_d2, KY, KX, CIRCLE)
-        kx0, kx_end = walk_row(ky0, qy0, qy1, qx0, qx1, grid_h, grid_w, reach_x, max_d2, KY, CIRCLE)
+        qy1, qx1, ky0, kx0, kx_end, n_key_tiles = walk_start(qy0, qx0, grid_h, grid_w, reach_y, reach_x, max_d2,
+                                                             TY, TX, KY, KX, CIRCLE)
         for _ in range(n_key_tiles):
-            k = load_tile(k_img, kv_bh, ky0, kx0, KY, KX, HEAD_DIM)
-            v = load_tile(v_img, kv_bh, ky0, kx0, KY, KX, HEAD_DIM)
-            full = tile_inside(qy0, qy1, qx0, qx1, ky0, ky0 + KY - 1, kx0, kx0 + KX - 1, reach_y, reach_x,
-                               max_d2, CIRCLE) & (ky0 + KY <= grid_h) & (kx0 + KX <= grid_w)
+            k, v, full = load_key_tile(k_img, v_img, kv_bh, qy0, qy1, qx0, qx1, ky0, kx0, grid_h, grid_w, reach_y,
+                                       reach_x, max_d2, KY, KX, HEAD_DIM, CIRCLE)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             if not full:  # the element mask only on tiles the pattern or the grid border cuts
                 s = tl.where(image_mask(qy, qx, ky0, kx0, grid_h, grid_w, reach_y, reach_x, max_d2, KY, KX, CIRCLE),
@@ -280,11 +299,8 @@ def kv_grad_kernel(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_img, k_e
         kx = kx0 + offs_n % KX
         k = load_tile(k_img, kv_bh, ky0, kx0, KY, KX, HEAD_DIM)
         v = load_tile(v_img, kv_bh, ky0, kx0, KY, KX, HEAD_DIM)
-        ky1 = tl.minimum(ky0 + KY, grid_h) - 1
-        kx1 = tl.minimum(kx0 + KX, grid_w) - 1
-        qy_first, n_query_tiles = walk_count(ky0, ky1, kx0, kx1, grid_h, grid_w, reach_y, reach_x, max_d2, TY, TX,
-                                             CIRCLE)
-        qx_first, qx_end_first = walk_row(qy_first, ky0, ky1, kx0, kx1, grid_h, grid_w, reach_x, max_d2, TY, CIRCLE)
+        ky1, kx1, qy_first, qx_first, qx_end_first, n_query_tiles = walk_start(
+            ky0, kx0, grid_h, grid_w, reach_y, reach_x, max_d2, KY, KX, TY, TX, CIRCLE)
         for g in range(group):
             bh = first_bh + g
             # text queries see every image key
@@ -373,15 +389,11 @@ def q_grad_kernel(q_txt, do_txt, q_img, do_img, k_seq, v_seq, k_img, v_img, k_ex
         do = load_tile(do_img, bh, qy0, qx0, TY, TX, HEAD_DIM)
         dq = q_grad_contiguous(dq, q, do, lse2, delta, k_seq, v_seq, kv_bh, n_text, qk_scale, BLOCK_N, HEAD_DIM,
                                PRECISION)
-        qy1 = tl.minimum(qy0 + TY, grid_h) - 1
-        qx1 = tl.minimum(qx0 + TX, grid_w) - 1
-        ky0, n_key_tiles = walk_count(qy0, qy1, qx0, qx1, grid_h, grid_w, reach_y, reach_x, max_d2, KY, KX, CIRCLE)
-        kx0, kx_end = walk_row(ky0, qy0, qy1, qx0, qx1, grid_h, grid_w, reach_x, max_d2, KY, CIRCLE)
+        qy1, qx1, ky0, kx0, kx_end, n_key_tiles = walk_start(qy0, qx0, grid_h, grid_w, reach_y, reach_x, max_d2,
+                                                             TY, TX, KY, KX, CIRCLE)
         for _ in range(n_key_tiles):
-            k = load_tile(k_img, kv_bh, ky0, kx0, KY, KX, HEAD_DIM)
-            v = load_tile(v_img, kv_bh, ky0, kx0, KY, KX, HEAD_DIM)
-            full = tile_inside(qy0, qy1, qx0, qx1, ky0, ky0 + KY - 1, kx0, kx0 + KX - 1, reach_y, reach_x,
-                               max_d2, CIRCLE) & (ky0 + KY <= grid_h) & (kx0 + KX <= grid_w)
+            k, v, full = load_key_tile(k_img, v_img, kv_bh, qy0, qy1, qx0, qx1, ky0, kx0, grid_h, grid_w, reach_y,
+                                       reach_x, max_d2, KY, KX, HEAD_DIM, CIRCLE)
             p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None])
             if not full:
                 p = tl.where(image_mask(qy, qx, ky0, kx0, grid_h, grid_w, reach_y, reach_x, max_d2, KY, KX, CIRCLE),
