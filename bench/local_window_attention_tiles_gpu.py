@@ -3,8 +3,8 @@ D=128; CLEAR's shapes): the measurement behind ``kernel_tiles`` (docs/attention.
 
 Each candidate replaces one kernel's tiles (the other two keep their defaults), is checked
 against the default tiles' result and timed (median device time, triton.testing.do_bench).
-Usage: ``python bench/local_window_attention_tiles_gpu.py [--out DIR]``; prints a table and
-writes ``DIR/local_window_attention_tiles.json``."""
+Usage: ``python bench/local_window_attention_tiles_gpu.py [--out DIR] [--kernel kv_grad ...]``;
+prints a table and writes ``DIR/local_window_attention_tiles.json``."""
 from __future__ import annotations
 
 import argparse
@@ -26,9 +26,10 @@ SHAPES = [(64, 512, 16.0, True), (128, 512, 16.0, False)]  # grid side, text, ra
 CANDIDATES = {  # the defaults first: the reference of each sweep
     "forward": [Tiles(8, 8, 8, 8, 4, 3), Tiles(8, 16, 2, 16, 8, 2), Tiles(8, 16, 4, 16, 8, 3),
                 Tiles(8, 16, 8, 8, 8, 3), Tiles(8, 8, 4, 16, 4, 2)],
-    "kv_grad": [Tiles(2, 16, 4, 16, 4, 2), Tiles(4, 16, 4, 16, 8, 2), Tiles(2, 16, 8, 8, 4, 2),
-                Tiles(4, 8, 4, 16, 4, 2), Tiles(2, 16, 4, 16, 4, 3), Tiles(2, 8, 4, 16, 4, 2),
-                Tiles(2, 16, 2, 32, 4, 2), Tiles(1, 32, 4, 16, 4, 2)],
+    "kv_grad": [Tiles(2, 16, 4, 16, 4, 2), Tiles(2, 16, 4, 16, 4, 1), Tiles(4, 8, 8, 8, 4, 2),
+                Tiles(2, 16, 8, 8, 4, 1), Tiles(1, 16, 4, 16, 4, 2), Tiles(4, 16, 4, 16, 8, 2),
+                Tiles(2, 16, 8, 8, 4, 2), Tiles(4, 8, 4, 16, 4, 2), Tiles(2, 16, 4, 16, 4, 3),
+                Tiles(2, 8, 4, 16, 4, 2), Tiles(2, 16, 2, 32, 4, 2), Tiles(1, 32, 4, 16, 4, 2)],
     "q_grad": [Tiles(8, 8, 8, 8, 4, 2), Tiles(8, 16, 2, 16, 8, 2), Tiles(8, 8, 4, 16, 4, 2)],
 }
 
@@ -47,6 +48,8 @@ def kernel_times(fn, runs: int = 20) -> dict:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
+    parser.add_argument("--kernel", choices=list(CANDIDATES), action="append",
+                        help="sweep only these kernels (default: all)")
     args = parser.parse_args()
     default_tiles = lwa.kernel_tiles
     rows = []
@@ -66,7 +69,7 @@ def main():
             else fwd(q, k, v, None, None, *pattern))))
         print(json.dumps(rows[-1]), flush=True)
         for kernel, candidates in CANDIDATES.items():
-            if kernel != "forward" and not backward:
+            if (kernel != "forward" and not backward) or (args.kernel and kernel not in args.kernel):
                 continue
             for tiles in candidates:
                 index = ["forward", "kv_grad", "q_grad"].index(kernel)

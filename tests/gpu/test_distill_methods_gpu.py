@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import HAS_CUDA
+from helpers import HAS_CUDA, count_host_syncs
 from torch import nn
 
 import fewstep
@@ -48,17 +48,8 @@ class Head(nn.Module):
 
 
 def _syncs(fn) -> int:
-    import warnings
     fn()  # lazy initialisations (cuBLAS handles, device tables) stay outside the count
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+    return count_host_syncs(fn)
 
 
 def _methods():

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 
 import pytest
 import torch
-from helpers import HAS_CUDA
+from helpers import HAS_CUDA, count_host_syncs
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "train"))
 from tiny_distill import TinyDistill, make_data  # noqa: E402
@@ -29,15 +28,7 @@ def _syncs_while_training(max_steps: int, log_every: int) -> int:
     method = TinyDistill()
     trainer = _trainer(method, max_steps=max_steps, log_every=log_every)
     trainer.train_step()  # first-call allocations and lazy inits stay outside the count
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            trainer.train()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+    return count_host_syncs(trainer.train)
 
 
 def test_host_syncs_happen_only_at_log_steps():

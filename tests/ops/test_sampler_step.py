@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import zlib
 
 import pytest
 import torch
@@ -48,7 +49,7 @@ def make_inputs(shape, dtype, device, gen, *, cfg, extras, noncontiguous=False):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("cfg,extras,clip", FLAGS)
 def test_matches_reference(device, backend, dtype, shape, cfg, extras, clip):
-    gen = torch.Generator().manual_seed(hash((shape, cfg, extras, clip, str(dtype))) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, cfg, extras, clip, dtype)).encode()))  # not hash(): salted per process
     coeffs = random_coeffs(gen)
     if not extras:
         coeffs = dataclasses.replace(coeffs, k_churn=0.0, o_z=0.0, o_p=0.0)
