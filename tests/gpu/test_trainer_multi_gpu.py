@@ -12,7 +12,7 @@ import torch
 pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "train", "tiny_distill.py")
-COMMON = ["--steps", "4", "--batch", "3", "--grad-accum", "2", "--checkpoint-every", "4", "--no-target"]
+COMMON = ["--steps", "4", "--batch", "3", "--grad-accum", "2", "--checkpoint-every", "4"]
 
 
 def test_two_gpus_match_one_gpu_on_the_doubled_batch(tmp_path):

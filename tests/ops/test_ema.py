@@ -96,3 +96,23 @@ def test_bad_input(make, error, message):
         torch.ops.fewstep.ema_update_(*make(ema, params))
     with pytest.raises(TypeError, match="decay: expected a float in \\[0, 1\\], got str"):
         fewstep.ema_update_(ema, params, "0.9")
+
+
+def test_fsdp2_shards_update_in_place(tmp_path):
+    """DTensors (FSDP2's sharded parameters) update through their local shards, in place."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        gen = torch.Generator().manual_seed(5)
+        whole_ema = [torch.randn(7, 3, generator=gen), torch.randn(5, generator=gen)]
+        whole_params = [torch.randn(7, 3, generator=gen), torch.randn(5, generator=gen)]
+        ema = [distribute_tensor(t.clone(), mesh, [Shard(0)]) for t in whole_ema]
+        params = [distribute_tensor(t, mesh, [Shard(0)]) for t in whole_params]
+        fewstep.ema_update_(ema, params, 0.75)
+        for got, e, p in zip(ema, whole_ema, whole_params):
+            torch.testing.assert_close(got.full_tensor(), 0.75 * e + 0.25 * p, rtol=1e-6, atol=1e-6)
+    finally:
+        dist.destroy_process_group()

@@ -13,8 +13,8 @@ import torch
 from fewstep.train import checkpoint as ckpt
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_distill.py")
-# no target network: its update in TinyDistill.after_step works on whole tensors, not FSDP2 shards
-COMMON = ["--steps", "4", "--batch", "3", "--grad-accum", "2", "--checkpoint-every", "4", "--no-target"]
+# with the EMA target network: sharded like the student under FSDP2, replicated under DDP
+COMMON = ["--steps", "4", "--batch", "3", "--grad-accum", "2", "--checkpoint-every", "4"]
 
 
 def _weights(run_dir, rank):

@@ -63,9 +63,6 @@ def one_rank_group(tmp_path):
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
 @pytest.mark.parametrize("make", [_dmd2, _lcd, _boot], ids=["dmd2", "lcd", "boot"])
 def test_methods_train_and_resume_exactly(one_rank_group, tmp_path, make, parallel):
-    if make is _lcd and parallel == "fsdp2":
-        pytest.skip("LCD.after_step updates its EMA target from the student's parameters, which FSDP2 turns "
-                    "into DTensor shards that fewstep.ema_update_ does not take")
     _, toy = _teacher()
 
     def data(index, generator):

@@ -63,6 +63,9 @@ class TinyDistill(DistillationMethod):
         score = self.critic(fake).squeeze(1).float()
         return F.mse_loss(score, x0.pow(2).sum(1)), {}
 
+    def fsdp_followers(self):
+        return {} if self.target is None else {"target": self.target}
+
     def after_step(self, phase, step):
         if phase == "student" and self.target is not None:
             fewstep.ema_update_(self.target.parameters(), self.student.parameters(), 0.8)
@@ -121,7 +124,7 @@ def main(argv=None):
     parser.add_argument("--mixed-precision", default="no")
     parser.add_argument("--parallel", default="auto", help="modes to run one after the other, comma-separated")
     parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--no-target", action="store_true", help="no EMA target network (its update is not FSDP2-aware)")
+    parser.add_argument("--no-target", action="store_true", help="no EMA target network")
     args = parser.parse_args(argv)
     for parallel in args.parallel.split(","):
         trainer = build(args, parallel)

@@ -46,6 +46,13 @@ class DistillationMethod(nn.Module):
     def after_step(self, phase: str, step: int) -> None:
         """Called after ``phase``'s optimizer stepped (EMA and target-network updates)."""
 
+    def fsdp_followers(self) -> dict[str, nn.Module]:
+        """Untrained modules that follow a trained one parameter by parameter (an EMA target), by
+        dotted path. Under FSDP2 the trainer shards them like the trained modules, so that
+        ``after_step`` updates them shard by shard (``fewstep.ema_update_`` takes the shards).
+        Default: none."""
+        return {}
+
     @torch.no_grad()
     def sample(self, noise: torch.Tensor, steps: int = 1, **cond) -> torch.Tensor:
         """Samples of the distilled generator from ``noise`` in ``steps`` steps."""

@@ -167,6 +167,9 @@ class LCD(DistillationMethod):
                           timestep_scaling=self.timestep_scaling)
         return loss, {"loss": loss.detach()}
 
+    def fsdp_followers(self) -> dict[str, nn.Module]:
+        return {} if self.ema_target is None else {"ema_target.model": self.ema_target.model}
+
     def after_step(self, phase: str, step: int) -> None:
         self.check_phase(phase)
         if self.ema_target is None:

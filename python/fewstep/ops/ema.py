@@ -18,14 +18,21 @@ if _C is not None:
         return None
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 @torch.no_grad()
 def ema_update_(ema_params: Iterable[torch.Tensor], params: Iterable[torch.Tensor], decay: float) -> None:
     """``ema <- decay * ema + (1 - decay) * param`` for every pair, in one launch per device.
 
     ``ema_params`` may be fp32 (or fp16/bf16) copies of fp16/bf16/fp32 ``params``; pairs must
     have equal shapes and be contiguous. Accepts tensors or ``nn.Parameter`` iterables, e.g.
-    ``fewstep.ema_update_(ema_model.parameters(), model.parameters(), 0.999)``."""
-    ema_list, param_list = list(ema_params), list(params)  # no_grad: parameters update in place
+    ``fewstep.ema_update_(ema_model.parameters(), model.parameters(), 0.999)``. FSDP2 parameters
+    (DTensors) update shard by shard: both modules sharded alike (``fully_shard`` on each), each
+    rank updates its own shards, with no communication."""
+    # no_grad: parameters update in place; a DTensor's local shard is a view of its storage
+    ema_list, param_list = [_local(t) for t in ema_params], [_local(t) for t in params]
     if isinstance(decay, bool) or not isinstance(decay, (int, float)):
         raise TypeError(f"decay: expected a float in [0, 1], got {type(decay).__name__}")
     if not ema_list and not param_list:

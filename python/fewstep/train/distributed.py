@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -122,10 +123,15 @@ def wrap(method: nn.Module, units: dict[str, nn.Module], mode: str, device: torc
             wrappers[path] = _DDP(unit, device_ids=ids, **(ddp_kwargs or {}))
             setattr(method.get_submodule(parent_path), attr, wrappers[path])
         elif mode == "fsdp2":
-            from torch.distributed.fsdp import fully_shard
-            broadcast_module_(unit)
-            fully_shard(unit)
+            shard_(unit)
     return wrappers
+
+
+def shard_(module: nn.Module, reshard_after_forward: Optional[bool] = None) -> None:
+    """Rank 0's weights on every rank, then sharded in place with FSDP2's ``fully_shard``."""
+    from torch.distributed.fsdp import fully_shard
+    broadcast_module_(module)
+    fully_shard(module, reshard_after_forward=reshard_after_forward)
 
 
 def gradient_sync(units: dict[str, nn.Module], ddp_wrappers: dict[str, nn.Module], mode: str,

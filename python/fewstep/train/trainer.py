@@ -145,6 +145,13 @@ class Trainer:
         if parallel != "none":
             self._wrapped = dd.parallel_units(method, trainable, exclude=self.frozen)
             self._ddp = dd.wrap(method, self._wrapped, parallel, self.device, ddp_kwargs)
+            for follower in getattr(method, "fsdp_followers", dict)().values():  # e.g. an EMA target
+                if parallel == "fsdp2":  # sharded like its student, so that it updates shard by shard;
+                    # resharded after each (no-grad) forward, else FSDP2 keeps a root's gathered weights
+                    # and the next forward would not see the update made to the shards
+                    dd.shard_(follower, reshard_after_forward=True)
+                else:  # rank 0's copy everywhere, as DDP does for the trained modules
+                    dd.broadcast_module_(follower)
         self._params = {phase: self._phase_params(phase) for phase in method.phases}  # FSDP2 made new ones
 
         self.ema = {name: EMA(name, module, decay) for name, (module, decay) in (ema or {}).items()}
