@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import replace
 
 import pytest
 import torch
 from helpers import HAS_CUDA, HAS_TRITON, assert_close_to_reference, poison_allocator
+from local_window_cases import Case
 
 import fewstep
 from fewstep.reference.local_window_attention import local_window_attention_reference
@@ -19,40 +19,20 @@ from fewstep.reference.local_window_attention import local_window_attention_refe
 pytestmark = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="no CUDA device (or no triton): GPU test skipped")
 
 
-@dataclass(frozen=True)
-class Case:
-    heads: int
-    kv_heads: int
-    grid: tuple[int, int]
-    n_text: int
-    n_extra: int = 0
-    radius: Optional[float] = None
-    window: Optional[tuple[int, int]] = None
-    batch: int = 1
-    noncontiguous: bool = False
-
-    @property
-    def seq_len(self) -> int:
-        return self.n_text + self.grid[0] * self.grid[1]
-
-    def kwargs(self) -> dict:
-        return dict(grid=self.grid, n_text=self.n_text, radius=self.radius, window=self.window)
-
-
-CASES = {  # odd grids (the GPU tiles are 8x16 queries and 4x16 or 8x16 keys)
-    "13x17 text extra gqa r4.5": Case(6, 2, (13, 17), 7, n_extra=5, radius=4.5, noncontiguous=True),
-    "13x17 window batch 2": Case(2, 2, (13, 17), 7, window=(2, 3), batch=2),
-    "40x33 text r16 (inside tiles)": Case(3, 1, (40, 33), 77, radius=16.0),
-    "21x45 image only r=sqrt(8)": Case(2, 1, (21, 45), 0, n_extra=3, radius=math.sqrt(8)),
+CASES = {  # odd grids (the GPU tiles are 8x8 queries and keys, 2x16 queries and 4x16 keys in dK/dV)
+    "13x17 text extra gqa r4.5": Case(1, 6, 2, 64, (13, 17), 7, n_extra=5, radius=4.5, noncontiguous=True),
+    "13x17 window batch 2": Case(2, 2, 2, 64, (13, 17), 7, window=(2, 3)),
+    "40x33 text r16 (inside tiles)": Case(1, 3, 1, 128, (40, 33), 77, radius=16.0),
+    "21x45 image only r=sqrt(8)": Case(1, 2, 1, 64, (21, 45), 0, n_extra=3, radius=math.sqrt(8)),
 }
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
-def make_inputs(case: Case, head_dim: int, dtype: torch.dtype, seed: int, requires_grad: bool = False):
+def make_inputs(case: Case, dtype: torch.dtype, seed: int, requires_grad: bool = False):
     gen = torch.Generator().manual_seed(seed)
 
     def rand(heads: int, n: int) -> torch.Tensor:
-        t = torch.randn(case.batch, heads, n, head_dim, generator=gen, dtype=torch.float64)
+        t = torch.randn(case.batch, heads, n, case.head_dim, generator=gen, dtype=torch.float64)
         if case.noncontiguous:  # [B, N, heads, D] storage
             t = t.transpose(1, 2).contiguous().transpose(1, 2)
         return t.to("cuda", dtype).requires_grad_(requires_grad)
@@ -67,8 +47,8 @@ def make_inputs(case: Case, head_dim: int, dtype: torch.dtype, seed: int, requir
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", list(CASES))
 def test_forward_lse_and_gradients_match_reference(name, dtype, head_dim):
-    case = CASES[name]
-    inputs = make_inputs(case, head_dim, dtype, seed=zlib.crc32(name.encode()) + head_dim, requires_grad=True)
+    case = replace(CASES[name], head_dim=head_dim)
+    inputs = make_inputs(case, dtype, seed=zlib.crc32(name.encode()) + head_dim, requires_grad=True)
     leaves = [t for t in inputs if t is not None]
     q, k, v, ek, ev = inputs
     kwargs = dict(**case.kwargs(), extra_k=ek, extra_v=ev)
@@ -91,8 +71,8 @@ def test_forward_lse_and_gradients_match_reference(name, dtype, head_dim):
 
 @pytest.mark.parametrize("head_dim", [32, 256])
 def test_other_head_dims(head_dim):
-    case = CASES["13x17 text extra gqa r4.5"]
-    inputs = make_inputs(case, head_dim, torch.bfloat16, seed=4, requires_grad=True)
+    case = replace(CASES["13x17 text extra gqa r4.5"], head_dim=head_dim)
+    inputs = make_inputs(case, torch.bfloat16, seed=4, requires_grad=True)
     q, k, v, ek, ev = inputs
     kwargs = dict(**case.kwargs(), extra_k=ek, extra_v=ev)
     out = fewstep.local_window_attention(q, k, v, **kwargs)
@@ -108,8 +88,8 @@ def test_other_head_dims(head_dim):
 
 def test_training_shape_matches_reference():
     """CLEAR's training shape (64x64 image tokens + 512 text, r=16), fewer heads to bound the reference."""
-    case = Case(4, 4, (64, 64), 512, radius=16.0)
-    inputs = make_inputs(case, 128, torch.bfloat16, seed=6, requires_grad=True)
+    case = Case(1, 4, 4, 128, (64, 64), 512, radius=16.0)
+    inputs = make_inputs(case, torch.bfloat16, seed=6, requires_grad=True)
     q, k, v, _, _ = inputs
     out = fewstep.local_window_attention(q, k, v, **case.kwargs())
     grad_out = torch.randn_like(out)
@@ -127,8 +107,8 @@ def test_no_recompilation_for_new_grid_text_length_or_radius():
     from fewstep.triton.local_window_attention import compiled_kernel_count
 
     def step(grid, n_text, radius, n_extra):
-        case = Case(4, 2, grid, n_text, n_extra=n_extra, radius=radius)
-        q, k, v, ek, ev = make_inputs(case, 128, torch.bfloat16, seed=7, requires_grad=True)
+        case = Case(1, 4, 2, 128, grid, n_text, n_extra=n_extra, radius=radius)
+        q, k, v, ek, ev = make_inputs(case, torch.bfloat16, seed=7, requires_grad=True)
         out = fewstep.local_window_attention(q, k, v, **case.kwargs(), extra_k=ek, extra_v=ev)
         out.backward(torch.ones_like(out))
         torch.cuda.synchronize()
@@ -144,7 +124,7 @@ def test_no_recompilation_for_new_grid_text_length_or_radius():
 
 def test_backward_is_deterministic():
     case = CASES["40x33 text r16 (inside tiles)"]
-    q, k, v, _, _ = make_inputs(case, 128, torch.bfloat16, seed=8)
+    q, k, v, _, _ = make_inputs(case, torch.bfloat16, seed=8)
     pattern = (*case.grid, case.n_text, case.radius, -1, -1, 0.1)
     out, lse = torch.ops.fewstep.local_window_attention_triton(q, k, v, None, None, *pattern)
     grad_out = torch.randn_like(q)
@@ -156,7 +136,7 @@ def test_backward_is_deterministic():
 
 def test_opcheck_and_compile_on_cuda():
     case = CASES["13x17 text extra gqa r4.5"]
-    q, k, v, ek, ev = make_inputs(case, 64, torch.float16, seed=9, requires_grad=True)
+    q, k, v, ek, ev = make_inputs(case, torch.float16, seed=9, requires_grad=True)
     args = (q, k, v, ek, ev, *case.grid, case.n_text, case.radius, -1, -1, 0.125)
     torch.library.opcheck(torch.ops.fewstep.local_window_attention_triton.default, args)
     with torch.no_grad():

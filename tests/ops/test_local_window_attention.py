@@ -8,38 +8,17 @@ from __future__ import annotations
 import math
 import os
 import zlib
-from dataclasses import dataclass, replace
-from typing import Optional
+from dataclasses import replace
 
 import pytest
 import torch
 from helpers import HAS_TRITON, assert_close_to_reference, poison_allocator
+from local_window_cases import Case
 
 import fewstep
 from fewstep.reference.local_window_attention import local_window_attention_reference
 
 TRITON_HERE = HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@dataclass(frozen=True)
-class Case:
-    batch: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    grid: tuple[int, int]
-    n_text: int
-    n_extra: int = 0
-    radius: Optional[float] = None
-    window: Optional[tuple[int, int]] = None
-    noncontiguous: bool = False
-
-    @property
-    def seq_len(self) -> int:
-        return self.n_text + self.grid[0] * self.grid[1]
-
-    def kwargs(self) -> dict:
-        return dict(grid=self.grid, n_text=self.n_text, radius=self.radius, window=self.window)
 
 
 # Odd grids that are no multiple of a tile (the interpreter's tiles are 4x8 queries, 2x8 keys).
@@ -253,7 +232,8 @@ def test_no_cuda_cpp_kernel_is_reported():
 @pytest.mark.skipif(not TRITON_HERE, reason="needs triton (under TRITON_INTERPRET=1 on CPU)")
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_triton_gpu_tile_sizes_under_interpreter(monkeypatch, head_dim):
-    """The 16-bit GPU tiles (8x16 query tiles, 2x16 and 4x16 key tiles), run by the interpreter."""
+    """The 16-bit GPU tiles of kernel_tiles (8x8 queries and keys; 2x16 queries against 4x16 keys in
+    dK/dV), run by the interpreter."""
     import fewstep.triton.local_window_attention as triton_lwa
     monkeypatch.setattr(triton_lwa, "_interpreted", lambda: False)
     case = Case(1, 2, 1, head_dim, (19, 37), 9, n_extra=3, radius=5.5)

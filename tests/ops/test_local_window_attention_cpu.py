@@ -2,47 +2,20 @@
 reference (out, lse and every gradient), determinism, opcheck, gradcheck, and the C++ checks."""
 from __future__ import annotations
 
-import math
 import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import pytest
 import torch
 from helpers import assert_close_to_reference, poison_allocator
+from local_window_cases import Case
 
 import fewstep
 from fewstep.ops.local_window_attention_checks import check_backward_args, check_forward_args
 from fewstep.reference.local_window_attention import local_window_attention_reference
-
-
-@dataclass
-class Case:
-    batch: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    grid: tuple[int, int]
-    n_text: int
-    n_extra: int
-    radius: Optional[float] = None
-    window: Optional[tuple[int, int]] = None
-    scale: Optional[float] = None
-    noncontiguous: bool = False
-
-    @property
-    def seq_len(self) -> int:
-        return self.n_text + self.grid[0] * self.grid[1]
-
-    def pattern(self, head_dim: int) -> tuple:
-        """The compiled ops' trailing arguments: grid_h, grid_w, n_text, radius, window_h, window_w, scale."""
-        radius, (wh, ww) = (self.radius, (-1, -1)) if self.radius is not None else (0.0, self.window)
-        scale = self.scale if self.scale is not None else 1 / math.sqrt(head_dim)
-        return (self.grid[0], self.grid[1], self.n_text, radius, wh, ww, scale)
 
 
 CASES = [
@@ -97,13 +70,13 @@ def make_inputs(c: Case, dtype, seed) -> dict:
 def run_forward(c: Case, t: dict):
     poison_allocator(t["q"])
     return torch.ops.fewstep.local_window_attention(t["q"], t["k"], t["v"], t["extra_k"], t["extra_v"],
-                                                    *c.pattern(c.head_dim))
+                                                    *c.pattern())
 
 
 def run_backward(c: Case, t: dict, grad_out, out, lse):
     poison_allocator(t["k"])
     return torch.ops.fewstep.local_window_attention_backward(grad_out, t["q"], t["k"], t["v"], t["extra_k"],
-                                                             t["extra_v"], out, lse, *c.pattern(c.head_dim))
+                                                             t["extra_v"], out, lse, *c.pattern())
 
 
 def reference(c: Case, t: dict, grad_out, dtype):
@@ -113,7 +86,7 @@ def reference(c: Case, t: dict, grad_out, dtype):
     args = {**{"extra_k": None, "extra_v": None}, **leaves}
     out, lse = local_window_attention_reference(args["q"], args["k"], args["v"], grid=c.grid, radius=c.radius,
                                                 window=c.window, n_text=c.n_text, extra_k=args["extra_k"],
-                                                extra_v=args["extra_v"], scale=c.pattern(c.head_dim)[-1], dtype=dtype)
+                                                extra_v=args["extra_v"], scale=c.pattern()[-1], dtype=dtype)
     grads = torch.autograd.grad(out, list(leaves.values()), grad_out.to(dtype))
     return out.detach(), lse.detach(), grads
 
@@ -264,7 +237,7 @@ def test_baseline_isa_copy_passes_the_parity_tests():
 @pytest.mark.parametrize("c", [CASES[2], CASES[6]], ids=case_id)
 def test_opcheck(c):
     t = make_inputs(c, torch.float32, seed=12)
-    args = (t["q"], t["k"], t["v"], t["extra_k"], t["extra_v"], *c.pattern(c.head_dim))
+    args = (t["q"], t["k"], t["v"], t["extra_k"], t["extra_v"], *c.pattern())
     differentiable = [x.detach().requires_grad_(True) if x is not None else None for x in args[:5]]
     torch.library.opcheck(torch.ops.fewstep.local_window_attention.default, (*differentiable, *args[5:]))
     out, lse = torch.ops.fewstep.local_window_attention(*args)
@@ -350,7 +323,6 @@ def test_bad_forward_input(change, error, message):
 
 def test_bad_backward_input():
     args = forward_args()
-    q = args["q"]
     out, lse = torch.ops.fewstep.local_window_attention(*args.values())
     grad_out = torch.randn_like(out)
     head, tail = list(args.values())[:5], list(args.values())[5:]

@@ -130,6 +130,14 @@ def load_key_tile(k_img, v_img, kv_bh, qy0, qy1, qx0, qx1, ky0, kx0, grid_h, gri
 
 
 @triton.jit
+def head_indices(heads, group):
+    """(batch*heads index, batch*kv_heads index) of a program over query heads: its query head and
+    the kv head that head reads (GQA: ``group`` query heads per kv head)."""
+    bh = tl.program_id(1)
+    return bh, (bh // heads) * (heads // group) + (bh % heads) // group
+
+
+@triton.jit
 def load_tile(desc, bh, y0, x0, ROWS: tl.constexpr, COLS: tl.constexpr, HEAD_DIM: tl.constexpr):
     """[ROWS*COLS, HEAD_DIM] image tile at grid position (y0, x0); zeros outside the grid."""
     return desc.load([bh, y0, x0, 0]).reshape(ROWS * COLS, HEAD_DIM)
@@ -174,8 +182,7 @@ def forward_kernel(q_txt, q_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, o_txt
     BLOCK_M: tl.constexpr = TY * TX
     BLOCK_N: tl.constexpr = KY * KX
     tile = tl.program_id(0)
-    bh = tl.program_id(1)
-    kv_bh = (bh // heads) * (heads // group) + (bh % heads) // group
+    bh, kv_bh = head_indices(heads, group)
     offs_m = tl.arange(0, BLOCK_M)
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: a fully masked block gives p = 0, not NaN
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -365,8 +372,7 @@ def q_grad_kernel(q_txt, do_txt, q_img, do_img, k_seq, v_seq, k_img, v_img, k_ex
     BLOCK_M: tl.constexpr = TY * TX
     BLOCK_N: tl.constexpr = KY * KX
     tile = tl.program_id(0)
-    bh = tl.program_id(1)
-    kv_bh = (bh // heads) * (heads // group) + (bh % heads) // group
+    bh, kv_bh = head_indices(heads, group)
     offs_m = tl.arange(0, BLOCK_M)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if tile < n_text_blocks:
