@@ -111,6 +111,13 @@ def _device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def _tma_ready(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous and 16-byte aligned, as TMA descriptors need (a contiguous view that starts
+    at an odd element, e.g. ``x[1:]``, is copied)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
 def _sequence(t: torch.Tensor, rows: int, block: int):
     """Descriptor of rows 0..rows of a contiguous [B, heads, n, D] tensor as [B*heads, rows, D],
     read and written in [1, block, D] blocks (zeros past ``rows``, stores clipped there)."""
@@ -137,13 +144,13 @@ def local_window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     check_triton_args(q)
     check_forward_args(q, k, v, extra_k, extra_v, grid_h, grid_w, n_text, radius, window_h, window_w, scale)
     triton, forward_kernel, *_ = _kernels()
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q, k, v = _tma_ready(q), _tma_ready(k), _tma_ready(v)
     batch, heads, n_tokens, head_dim = q.shape
     group = heads // k.shape[1]
     tiles = kernel_tiles(head_dim, q.dtype).forward
     block_m, block_n = tiles.ty * tiles.tx, tiles.ky * tiles.kx
     if extra_k is not None:  # checked non-empty
-        extra_k, extra_v = extra_k.contiguous(), extra_v.contiguous()
+        extra_k, extra_v = _tma_ready(extra_k), _tma_ready(extra_v)
         n_extra = extra_k.shape[2]
         k_ext, v_ext = _sequence(extra_k, n_extra, block_n), _sequence(extra_v, n_extra, block_n)
     else:
@@ -178,8 +185,8 @@ def local_window_attention_triton_backward(
     check_backward_args(grad_out, q, k, v, extra_k, extra_v, out, lse, grid_h, grid_w, n_text, radius, window_h,
                         window_w, scale)
     triton, _, delta_kernel, kv_grad_kernel, q_grad_kernel = _kernels()
-    grad_out, q, k, v = grad_out.contiguous(), q.contiguous(), k.contiguous(), v.contiguous()
-    out, lse = out.contiguous(), lse.contiguous()
+    grad_out, q, k, v, out = (_tma_ready(t) for t in (grad_out, q, k, v, out))
+    lse = lse.contiguous()
     batch, heads, n_tokens, head_dim = q.shape
     kv_heads = k.shape[1]
     group = heads // kv_heads
@@ -192,7 +199,7 @@ def local_window_attention_triton_backward(
     delta_block = max(16, 4096 // head_dim)
     block_m, block_n = tiles.ty * tiles.tx, tiles.ky * tiles.kx
     if extra_k is not None:  # checked non-empty
-        extra_k, extra_v = extra_k.contiguous(), extra_v.contiguous()
+        extra_k, extra_v = _tma_ready(extra_k), _tma_ready(extra_v)
         dextra_k, dextra_v = torch.empty_like(extra_k), torch.empty_like(extra_v)
         n_extra = extra_k.shape[2]
         extras = [_sequence(t, n_extra, block_n) for t in (extra_k, extra_v, dextra_k, dextra_v)]
