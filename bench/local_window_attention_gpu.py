@@ -4,7 +4,9 @@ block mask, FlexAttention with a 2-D-tiled token order (image tokens only) and d
 
 Times are medians of many runs after warm-up (triton.testing.do_bench, L2 flushed), forward and
 forward + backward. useful_TFLOPs counts only the query-key pairs the pattern admits: 4*D per pair
-and head for the forward, 2.5x that for forward + backward (dense SDPA: every pair). fewstep also
+and head for the forward, 14*D for forward + backward (the backward's five products; dense SDPA:
+every pair). bench/local_window_attention_work.py adds, from the results, the rate on the work the
+kernels compute (whole tiles) and the floors. fewstep also
 reports the first-call time of a resolution it has not seen (setup_ms) and whether that call
 compiled a kernel. Each provider is guarded: one that fails prints its error and the others still
 report."""
@@ -95,7 +97,7 @@ def _record(rec, case, provider, times, flops_fwd):
     rec.add(SUITE, case, provider + " fwd", DTYPE, fwd, "useful_TFLOPs", flops_fwd / (fwd * 1e-3) / 1e12)
     if both is not None:
         rec.add(SUITE, case, provider + " fwd+bwd", DTYPE, both, "useful_TFLOPs",
-                2.5 * flops_fwd / (both * 1e-3) / 1e12)
+                3.5 * flops_fwd / (both * 1e-3) / 1e12)
 
 
 def _guarded(case, provider, body):

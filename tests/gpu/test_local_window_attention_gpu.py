@@ -19,7 +19,7 @@ from fewstep.reference.local_window_attention import local_window_attention_refe
 pytestmark = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="no CUDA device (or no triton): GPU test skipped")
 
 
-CASES = {  # odd grids (the GPU tiles are 8x8 queries and keys, 2x16 queries and 4x16 keys in dK/dV)
+CASES = {  # odd grids (the GPU tiles are 8x8 queries and keys, 4x8 queries and 8x8 keys in dK/dV)
     "13x17 text extra gqa r4.5": Case(1, 6, 2, 64, (13, 17), 7, n_extra=5, radius=4.5, noncontiguous=True),
     "13x17 window batch 2": Case(2, 2, 2, 64, (13, 17), 7, window=(2, 3)),
     "40x33 text r16 (inside tiles)": Case(1, 3, 1, 128, (40, 33), 77, radius=16.0),

@@ -259,7 +259,7 @@ def test_no_cuda_cpp_kernel_is_reported():
 @pytest.mark.skipif(not TRITON_HERE, reason="needs triton (under TRITON_INTERPRET=1 on CPU)")
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_triton_gpu_tile_sizes_under_interpreter(monkeypatch, head_dim):
-    """The 16-bit GPU tiles of kernel_tiles (8x8 queries and keys; 2x16 queries against 4x16 keys in
+    """The 16-bit GPU tiles of kernel_tiles (8x8 queries and keys; 4x8 queries against 8x8 keys in
     dK/dV), run by the interpreter."""
     import fewstep.triton.local_window_attention as triton_lwa
     monkeypatch.setattr(triton_lwa, "_interpreted", lambda: False)

@@ -66,9 +66,9 @@ def kernel_tiles(head_dim: int, dtype: torch.dtype) -> KernelTiles:
         return KernelTiles(Tiles(4, 8, 2, 8, warps, 1), Tiles(2, 8, 2, 8, warps, 1), Tiles(2, 8, 2, 8, warps, 1))
     # 16-bit, D <= 128: the fastest tiles of the H200 sweep (bench/local_window_attention_tiles_gpu.py,
     # docs/attention.md): 8x8 queries against 8x8 keys in the forward and dQ (one warpgroup, the least
-    # wasted pairs on a circle), 64 keys (4x16) against 2x16 query tiles for dK/dV.
+    # wasted pairs on a circle), 64 keys (8x8) against 4x8 query tiles for dK/dV.
     if head_dim <= 128:
-        return KernelTiles(Tiles(8, 8, 8, 8, 4, 3), Tiles(2, 16, 4, 16, 4, 2), Tiles(8, 8, 8, 8, 4, 2))
+        return KernelTiles(Tiles(8, 8, 8, 8, 4, 3), Tiles(4, 8, 8, 8, 4, 2), Tiles(8, 8, 8, 8, 4, 2))
     return KernelTiles(Tiles(2, 16, 2, 16, 8, 1), Tiles(2, 16, 2, 16, 8, 1), Tiles(2, 16, 2, 16, 8, 1))
 
 

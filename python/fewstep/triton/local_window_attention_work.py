@@ -1,0 +1,94 @@
+"""The work the Triton local-window kernels do: how many query-key pairs each kernel computes scores
+for (whole tiles, as the kernels compute them), beside how many the pattern admits.
+
+A benchmark divides a kernel's FLOPs on these pairs by its time to get the rate on the work it
+does (kernel efficiency), separately from the share of that work the pattern wastes (tile shape),
+and the time a kernel would take at a given matrix rate (the floor for its tiles). The tile walk
+is the kernels' (``walk_start`` / ``walk_next`` in ``_local_window_attention_kernels.py``), written
+again in Python; ``tests/ops/test_local_window_attention_work.py`` checks that it covers every
+admitted pair and visits no tile without one.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, NamedTuple, Optional
+
+import torch
+
+from fewstep.triton.local_window_attention import KernelTiles, _pattern, kernel_tiles
+
+# Matrix-product FLOPs per computed pair and head dim element: the forward computes S = QK^T and
+# PV; the dK/dV kernel recomputes S and dP = dO V^T and forms dV = P^T dO and dK = dS^T Q; the dQ
+# kernel recomputes S and dP and forms dQ = dS K.
+FLOPS_PER_PAIR = {"forward": 4, "kv_grad": 8, "q_grad": 6}
+
+
+class KernelWork(NamedTuple):
+    """Query-key pairs per (batch, query head)."""
+    admitted: int  # pairs the pattern admits
+    forward: int  # pairs whose scores forward_kernel computes
+    kv_grad: int  # ... kv_grad_kernel
+    q_grad: int  # ... q_grad_kernel
+
+    def flops(self, head_dim: int, batch_heads: int = 1) -> dict:
+        """FLOPs of each kernel on its computed pairs, and the useful FLOPs of the forward and of
+        forward + backward (4·D and 14·D per admitted pair: two products forward, five backward)."""
+        computed = {name: FLOPS_PER_PAIR[name] * head_dim * batch_heads * getattr(self, name) for name in FLOPS_PER_PAIR}
+        useful = 4 * head_dim * batch_heads * self.admitted
+        return dict(computed, backward=computed["kv_grad"] + computed["q_grad"], useful_forward=useful,
+                    useful_forward_backward=3.5 * useful)
+
+
+def walk(fy0: int, fx0: int, rows: int, cols: int, grid_h: int, grid_w: int, reach_y: int, reach_x: int,
+         max_d2: int, circle: bool, tile_rows: int, tile_cols: int) -> Iterator[tuple[int, int]]:
+    """Corners (y0, x0) of the tile_rows x tile_cols tiles the kernels visit around the fixed
+    rows x cols tile at (fy0, fx0): rows of tiles over the pattern's vertical reach, each over the
+    columns the pattern reaches at that row's vertical gap."""
+    fy1, fx1 = min(fy0 + rows, grid_h) - 1, min(fx0 + cols, grid_w) - 1
+    for y0 in range(max(fy0 - reach_y, 0), min(fy1 + reach_y + 1, grid_h), tile_rows):
+        gap = max(y0 - fy1, fy0 - (min(y0 + tile_rows, grid_h) - 1), 0)
+        dx = math.isqrt(max_d2 - gap * gap) if circle else reach_x
+        yield from ((y0, x0) for x0 in range(max(fx0 - dx, 0), min(fx1 + dx + 1, grid_w), tile_cols))
+
+
+def _admitted_image_pairs(grid_h: int, grid_w: int, pattern) -> int:
+    total = 0
+    for dy in range(-pattern.reach_y, pattern.reach_y + 1):
+        dx = math.isqrt(pattern.max_d2 - dy * dy) if pattern.circle else pattern.reach_x
+        total += max(grid_h - abs(dy), 0) * sum(max(grid_w - abs(x), 0) for x in range(-dx, dx + 1))
+    return total
+
+
+def kernel_work(grid: tuple[int, int], n_text: int = 0, *, radius: Optional[float] = None,
+                window: Optional[tuple[int, int]] = None, n_extra: int = 0, head_dim: int = 128,
+                dtype: torch.dtype = torch.bfloat16, tiles: Optional[KernelTiles] = None) -> KernelWork:
+    """Pairs computed by each Triton kernel for one (batch, query head) of ``local_window_attention``
+    with these arguments, at ``tiles`` (default: the kernels' tiles for head_dim and dtype)."""
+    if (radius is None) == (window is None):
+        raise ValueError("kernel_work: expected exactly one of radius and window")
+    grid_h, grid_w = grid
+    window_h, window_w = window if window is not None else (-1, -1)
+    pattern = _pattern(grid_h, grid_w, radius if radius is not None else 0.0, window_h, window_w)
+    tiles = tiles or kernel_tiles(head_dim, dtype)
+    n_tokens = n_text + grid_h * grid_w
+    reach = (grid_h, grid_w, pattern.reach_y, pattern.reach_x, pattern.max_d2, pattern.circle)
+
+    def padded(n: int, block: int) -> int:
+        return -(-n // block) * block
+
+    def query_tile_kernel(t) -> int:  # the forward and dQ: text query blocks, then image query tiles
+        block_m, block_n = t.ty * t.tx, t.ky * t.kx
+        keys_per_tile = padded(n_text, block_n) + padded(n_extra, block_n)
+        image = sum(block_m * (keys_per_tile + block_n * sum(1 for _ in walk(y0, x0, t.ty, t.tx, *reach, t.ky, t.kx)))
+                    for y0 in range(0, grid_h, t.ty) for x0 in range(0, grid_w, t.tx))
+        return padded(n_text, block_m) * padded(n_tokens, block_n) + image
+
+    t = tiles.kv_grad  # text key blocks (every query row), image key tiles, extra key blocks (image rows)
+    block_m, block_n = t.ty * t.tx, t.ky * t.kx
+    image = sum(block_n * (padded(n_text, block_m) + block_m * sum(1 for _ in walk(y0, x0, t.ky, t.kx, *reach,
+                                                                                    t.ty, t.tx)))
+                for y0 in range(0, grid_h, t.ky) for x0 in range(0, grid_w, t.kx))
+    kv_grad = (padded(n_text, block_n) * padded(n_tokens, block_m) + image
+               + padded(n_extra, block_n) * padded(grid_h * grid_w, block_m))
+    admitted = n_text * n_tokens + grid_h * grid_w * (n_text + n_extra) + _admitted_image_pairs(grid_h, grid_w, pattern)
+    return KernelWork(admitted, query_tile_kernel(tiles.forward), kv_grad, query_tile_kernel(tiles.q_grad))
