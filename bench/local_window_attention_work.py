@@ -17,13 +17,14 @@ it has their profiler times."""
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import re
 
 import torch
 
 from fewstep.triton.local_window_attention import KernelTiles, Tiles, kernel_tiles
-from fewstep.triton.local_window_attention_work import kernel_work
+from fewstep.triton.local_window_attention_work import kernel_programs, kernel_work
 
 HEADS, HEAD_DIM, DTYPE = 24, 128, torch.bfloat16
 # Issue 4's targets, as ratios to a baseline measured in the same run:
@@ -104,6 +105,37 @@ def report(results: dict, tiles: KernelTiles, kernel_ms: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def makespan(lengths: list, slots: int) -> int:
+    """Finish time of programs of the given lengths handed in order to the first free of ``slots``
+    (the GPU's block scheduler, every iteration costing the same)."""
+    free = [0] * slots
+    end = 0
+    for length in lengths:
+        start = heapq.heappop(free)
+        end = max(end, start + length)
+        heapq.heappush(free, start + length)
+    return end
+
+
+def launch_order_model(cases: list, tiles: KernelTiles, slots: int) -> str:
+    """Markdown: for each case and kernel, the predicted time above a perfect split of the work for
+    the head-major launch (each head's long blocks, then its image tiles) and for a launch with the
+    long blocks of all heads first."""
+    lines = ["", f"## Launch order (model: {slots} concurrent programs, every iteration the same cost)", "",
+             "Time above a perfect split of the iterations over the concurrent programs.", "",
+             "| case | kernel | head-major | long blocks of all heads first |", "|---|---|---|---|"]
+    for case in cases:
+        h, w, n_text, radius = parse_case(case)
+        for kernel in ("forward", "kv_grad", "q_grad"):
+            programs = kernel_programs(kernel, (h, w), n_text, radius=radius, tiles=tiles)
+            head_major = (programs.long + programs.image) * HEADS
+            long_first = [n for n in programs.long for _ in range(HEADS)] + programs.image * HEADS
+            ideal = sum(head_major) / slots
+            lines.append(f"| {case} | {kernel} | {makespan(head_major, slots) / ideal - 1:+.0%} | "
+                         f"{makespan(long_first, slots) / ideal - 1:+.0%} |")
+    return "\n".join(lines) + "\n"
+
+
 def tile_run_kernel_ms(path: str, run: str) -> dict:
     """{(case, kernel): ms} from a tile-sweep JSON's run (its rows with profiler times)."""
     with open(path) as f:
@@ -119,6 +151,8 @@ def main():
                         "(forward; dK/dV; dQ), default: kernel_tiles today")
     parser.add_argument("--tiles", help="a tile-sweep JSON with per-kernel profiler times")
     parser.add_argument("--run", help="the tile-sweep run to read")
+    parser.add_argument("--slots", type=int, default=264,
+                        help="concurrent programs for the launch-order model (H200: 132 SMs x 2 programs)")
     args = parser.parse_args()
     with open(args.results) as f:
         results = json.load(f)
@@ -128,6 +162,8 @@ def main():
         tiles = KernelTiles(*(Tiles(*map(int, spec.split(",")), tiles[0].num_warps, tiles[0].num_stages)
                               for spec in args.kernel_tiles.split(";")))
     print(report(results, tiles, tile_run_kernel_ms(args.tiles, args.run) if args.tiles else {}), end="")
+    cases = list(dict.fromkeys(r["case"] for r in results["rows"] if r["suite"] == "local_window_attention"))
+    print(launch_order_model(cases, tiles, args.slots), end="")
 
 
 if __name__ == "__main__":

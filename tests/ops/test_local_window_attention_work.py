@@ -13,7 +13,7 @@ import torch
 
 from fewstep.reference.local_window_attention import local_window_mask
 from fewstep.triton.local_window_attention import KernelTiles, Tiles, _pattern
-from fewstep.triton.local_window_attention_work import kernel_work, walk
+from fewstep.triton.local_window_attention_work import kernel_programs, kernel_work, walk
 
 PATTERNS = [dict(radius=1.0), dict(radius=2.5), dict(radius=4.0), dict(radius=40.0), dict(window=(0, 0)),
             dict(window=(1, 3)), dict(window=(2, 0))]
@@ -121,3 +121,20 @@ def test_work_report_of_the_h200_run():
     assert "| 64x64+512 r=16 | fwd | 0.297 | 87 | 112 | 77% | 378 | 605 | 0.185 |" in text
     assert "| 64x64+512 r=16 | kv_grad_kernel | 0.779 | 228 | 293 |" in text
     assert "| 128x128+512 r=16 | fwd | 4x flex raster (CLEAR) | 0.782 | 1.333 |" in text
+
+
+def test_launch_order_model_hands_programs_to_the_first_free_slot():
+    work = _bench_module("local_window_attention_work")
+    assert work.makespan([3, 1, 1, 1], 2) == 3
+    assert work.makespan([1, 1, 1, 3], 2) == 4  # the long program last runs alone at the end
+    assert work.makespan([5], 4) == 5
+
+
+def test_programs_per_kernel():
+    tiles = KernelTiles(Tiles(4, 8, 2, 8, 4, 1), Tiles(2, 8, 4, 8, 4, 1), Tiles(4, 8, 2, 8, 4, 1))
+    forward = kernel_programs("forward", (4, 8), 40, window=(0, 0), tiles=tiles)
+    # two 32-row text blocks over 72 tokens in 16-key blocks; one image tile: 3 text blocks + 2 key-tile rows
+    assert (forward.long, forward.image, forward.block_m, forward.block_n) == ([5, 5], [3 + 2], 32, 16)
+    kv = kernel_programs("kv_grad", (4, 8), 40, window=(0, 0), n_extra=3, tiles=tiles)
+    # two 32-key text blocks over 72 query rows in 16-row blocks, one extra block over the 32 image rows
+    assert (kv.long, kv.image) == ([5, 5, 2], [3 + 2])

@@ -59,36 +59,63 @@ def _admitted_image_pairs(grid_h: int, grid_w: int, pattern) -> int:
     return total
 
 
+class KernelPrograms(NamedTuple):
+    """Loop iterations of each program of one kernel for one (batch, head); every iteration computes
+    one query block against one key block (block_m x block_n pairs)."""
+    long: list  # text (and extra) blocks: every token sees them, or they see every token
+    image: list  # image tiles, in grid order
+    block_m: int
+    block_n: int
+
+
+def _resolve(grid, radius, window, tiles, head_dim, dtype, caller: str):
+    if (radius is None) == (window is None):
+        raise ValueError(f"{caller}: expected exactly one of radius and window")
+    window_h, window_w = window if window is not None else (-1, -1)
+    pattern = _pattern(*grid, radius if radius is not None else 0.0, window_h, window_w)
+    return pattern, tiles or kernel_tiles(head_dim, dtype)
+
+
+def kernel_programs(kernel: str, grid: tuple[int, int], n_text: int = 0, *, radius: Optional[float] = None,
+                    window: Optional[tuple[int, int]] = None, n_extra: int = 0, head_dim: int = 128,
+                    dtype: torch.dtype = torch.bfloat16, tiles: Optional[KernelTiles] = None) -> KernelPrograms:
+    """The programs ``kernel`` ("forward", "kv_grad" or "q_grad") launches for one (batch, head) and
+    how many key (or query) blocks each one visits, at ``tiles`` (default: the kernels' tiles)."""
+    pattern, tiles = _resolve(grid, radius, window, tiles, head_dim, dtype, "kernel_programs")
+    grid_h, grid_w = grid
+    n_tokens = n_text + grid_h * grid_w
+    reach = (grid_h, grid_w, pattern.reach_y, pattern.reach_x, pattern.max_d2, pattern.circle)
+    t = getattr(tiles, kernel)
+    block_m, block_n = t.ty * t.tx, t.ky * t.kx
+
+    def blocks(n: int, block: int) -> int:
+        return -(-n // block)
+
+    if kernel == "kv_grad":  # text key blocks see every query row, extra key blocks every image row
+        long = [blocks(n_tokens, block_m)] * blocks(n_text, block_n) + [blocks(grid_h * grid_w, block_m)] * blocks(
+            n_extra, block_n)
+        image = [blocks(n_text, block_m) + sum(1 for _ in walk(y0, x0, t.ky, t.kx, *reach, t.ty, t.tx))
+                 for y0 in range(0, grid_h, t.ky) for x0 in range(0, grid_w, t.kx)]
+    else:  # text query blocks see every key; image query tiles the text keys, their walk, the extra keys
+        long = [blocks(n_tokens, block_n)] * blocks(n_text, block_m)
+        image = [blocks(n_text, block_n) + blocks(n_extra, block_n) + sum(1 for _ in walk(y0, x0, t.ty, t.tx, *reach,
+                                                                                         t.ky, t.kx))
+                 for y0 in range(0, grid_h, t.ty) for x0 in range(0, grid_w, t.tx)]
+    return KernelPrograms(long, image, block_m, block_n)
+
+
 def kernel_work(grid: tuple[int, int], n_text: int = 0, *, radius: Optional[float] = None,
                 window: Optional[tuple[int, int]] = None, n_extra: int = 0, head_dim: int = 128,
                 dtype: torch.dtype = torch.bfloat16, tiles: Optional[KernelTiles] = None) -> KernelWork:
     """Pairs computed by each Triton kernel for one (batch, query head) of ``local_window_attention``
     with these arguments, at ``tiles`` (default: the kernels' tiles for head_dim and dtype)."""
-    if (radius is None) == (window is None):
-        raise ValueError("kernel_work: expected exactly one of radius and window")
+    pattern, tiles = _resolve(grid, radius, window, tiles, head_dim, dtype, "kernel_work")
     grid_h, grid_w = grid
-    window_h, window_w = window if window is not None else (-1, -1)
-    pattern = _pattern(grid_h, grid_w, radius if radius is not None else 0.0, window_h, window_w)
-    tiles = tiles or kernel_tiles(head_dim, dtype)
-    n_tokens = n_text + grid_h * grid_w
-    reach = (grid_h, grid_w, pattern.reach_y, pattern.reach_x, pattern.max_d2, pattern.circle)
 
-    def padded(n: int, block: int) -> int:
-        return -(-n // block) * block
+    def pairs(kernel: str) -> int:
+        programs = kernel_programs(kernel, grid, n_text, radius=radius, window=window, n_extra=n_extra, tiles=tiles)
+        return (sum(programs.long) + sum(programs.image)) * programs.block_m * programs.block_n
 
-    def query_tile_kernel(t) -> int:  # the forward and dQ: text query blocks, then image query tiles
-        block_m, block_n = t.ty * t.tx, t.ky * t.kx
-        keys_per_tile = padded(n_text, block_n) + padded(n_extra, block_n)
-        image = sum(block_m * (keys_per_tile + block_n * sum(1 for _ in walk(y0, x0, t.ty, t.tx, *reach, t.ky, t.kx)))
-                    for y0 in range(0, grid_h, t.ty) for x0 in range(0, grid_w, t.tx))
-        return padded(n_text, block_m) * padded(n_tokens, block_n) + image
-
-    t = tiles.kv_grad  # text key blocks (every query row), image key tiles, extra key blocks (image rows)
-    block_m, block_n = t.ty * t.tx, t.ky * t.kx
-    image = sum(block_n * (padded(n_text, block_m) + block_m * sum(1 for _ in walk(y0, x0, t.ky, t.kx, *reach,
-                                                                                    t.ty, t.tx)))
-                for y0 in range(0, grid_h, t.ky) for x0 in range(0, grid_w, t.kx))
-    kv_grad = (padded(n_text, block_n) * padded(n_tokens, block_m) + image
-               + padded(n_extra, block_n) * padded(grid_h * grid_w, block_m))
-    admitted = n_text * n_tokens + grid_h * grid_w * (n_text + n_extra) + _admitted_image_pairs(grid_h, grid_w, pattern)
-    return KernelWork(admitted, query_tile_kernel(tiles.forward), kv_grad, query_tile_kernel(tiles.q_grad))
+    admitted = (n_text * (n_text + grid_h * grid_w) + grid_h * grid_w * (n_text + n_extra)
+                + _admitted_image_pairs(grid_h, grid_w, pattern))
+    return KernelWork(admitted, pairs("forward"), pairs("kv_grad"), pairs("q_grad"))
