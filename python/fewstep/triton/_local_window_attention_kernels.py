@@ -18,7 +18,8 @@ import triton.language as tl
 # Runtime integer arguments that must not be specialised (Triton otherwise compiles separate
 # variants for values equal to 1 or divisible by 16): the pattern and the sizes.
 RUNTIME_INTS = ["heads", "group", "n_tokens", "n_text", "grid_h", "grid_w", "n_extra", "tiles_x",
-                "n_text_blocks", "n_image_tiles", "reach_y", "reach_x", "max_d2", "n_rows"]
+                "n_text_blocks", "n_image_tiles", "n_extra_blocks", "n_heads", "reach_y", "reach_x", "max_d2",
+                "n_rows"]
 jit = functools.partial(triton.jit, do_not_specialize=RUNTIME_INTS)
 LN2_INV = tl.constexpr(1.4426950408889634)  # 1 / ln 2
 
@@ -130,11 +131,27 @@ def load_key_tile(k_img, v_img, kv_bh, qy0, qy1, qx0, qx1, ky0, kx0, grid_h, gri
 
 
 @triton.jit
-def head_indices(heads, group):
-    """(batch*heads index, batch*kv_heads index) of a program over query heads: its query head and
-    the kv head that head reads (GQA: ``group`` query heads per kv head)."""
-    bh = tl.program_id(1)
-    return bh, (bh // heads) * (heads // group) + (bh % heads) // group
+def program_block(n_first_long, n_image, n_last_long, n_heads):
+    """(block index, batch*heads index) of this program in a 1-D launch of ``n_heads`` x blocks.
+
+    Per head the blocks are ``n_first_long`` text blocks, ``n_image`` image tiles and ``n_last_long``
+    extra blocks, indexed in that order. The long blocks (text and extra tokens see, or are seen by,
+    every token) of all heads are launched first, then each head's image tiles in grid order: with
+    the head as the slow index, the text blocks of the last heads would start last and run alone
+    at the end, while image tiles launched together share their neighbourhood's keys in L2."""
+    pid = tl.program_id(0)
+    n_long = (n_first_long + n_last_long) * n_heads
+    long_block = pid // n_heads
+    image_pid = tl.maximum(pid - n_long, 0)
+    block = tl.where(pid < n_long, tl.where(long_block < n_first_long, long_block, long_block + n_image),
+                     n_first_long + image_pid % tl.maximum(n_image, 1))
+    return block, tl.where(pid < n_long, pid % n_heads, image_pid // tl.maximum(n_image, 1))
+
+
+@triton.jit
+def kv_head(bh, heads, group):
+    """The batch*kv_heads index that query head ``bh`` reads (GQA: ``group`` query heads per kv head)."""
+    return (bh // heads) * (heads // group) + (bh % heads) // group
 
 
 @triton.jit
@@ -176,18 +193,18 @@ def attend_contiguous(acc, m_i, l_i, q, k_desc, v_desc, kv_bh, n_keys, qk_scale,
 
 @jit
 def forward_kernel(q_txt, q_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, o_txt, o_img, Lse, heads, group,
-                   n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x, n_text_blocks, reach_y, reach_x, max_d2,
-                   qk_scale, HEAD_DIM: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr, KY: tl.constexpr,
-                   KX: tl.constexpr, CIRCLE: tl.constexpr, PRECISION: tl.constexpr):
+                   n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x, n_text_blocks, n_image_tiles, n_heads,
+                   reach_y, reach_x, max_d2, qk_scale, HEAD_DIM: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr,
+                   KY: tl.constexpr, KX: tl.constexpr, CIRCLE: tl.constexpr, PRECISION: tl.constexpr):
     BLOCK_M: tl.constexpr = TY * TX
     BLOCK_N: tl.constexpr = KY * KX
-    tile = tl.program_id(0)
-    bh, kv_bh = head_indices(heads, group)
+    tile, bh = program_block(n_text_blocks, n_image_tiles, 0, n_heads)
+    kv_bh = kv_head(bh, heads, group)
     offs_m = tl.arange(0, BLOCK_M)
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: a fully masked block gives p = 0, not NaN
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    if tile < n_text_blocks:  # text queries (first: they are the longest programs) see every key
+    if tile < n_text_blocks:  # text queries see every key
         row0 = tile * BLOCK_M
         q = load_block(q_txt, bh, row0, BLOCK_M, HEAD_DIM)
         acc, m_i, l_i = attend_contiguous(acc, m_i, l_i, q, k_seq, v_seq, kv_bh, n_tokens, qk_scale, BLOCK_N,
@@ -274,15 +291,14 @@ def kv_grad_contiguous(dk, dv, k, v, q_seq, do_seq, Lse, Delta, bh, n_tokens, ro
 @jit
 def kv_grad_kernel(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_img, k_ext, v_ext, dk_txt, dv_txt,
                    dk_img, dv_img, dk_ext, dv_ext, Lse, Delta, heads, group, n_tokens, n_text, grid_h, grid_w,
-                   n_extra, tiles_x, n_text_blocks, n_image_tiles, reach_y, reach_x, max_d2, qk_scale, scale,
-                   HEAD_DIM: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr, KY: tl.constexpr,
+                   n_extra, tiles_x, n_text_blocks, n_image_tiles, n_extra_blocks, n_heads, reach_y, reach_x, max_d2,
+                   qk_scale, scale, HEAD_DIM: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr, KY: tl.constexpr,
                    KX: tl.constexpr, CIRCLE: tl.constexpr, PRECISION: tl.constexpr):
-    """One program per key block and (batch, kv head): text key blocks, then 2-D image key
-    tiles, then extra key blocks; sums over the query heads of the kv head's group."""
+    """One program per key block and (batch, kv head): text key blocks, 2-D image key tiles and
+    extra key blocks; sums over the query heads of the kv head's group."""
     BLOCK_M: tl.constexpr = TY * TX
     BLOCK_N: tl.constexpr = KY * KX
-    tile = tl.program_id(0)
-    kv_bh = tl.program_id(1)
+    tile, kv_bh = program_block(n_text_blocks, n_image_tiles, n_extra_blocks, n_heads)
     kv_heads = heads // group
     first_bh = (kv_bh // kv_heads) * heads + (kv_bh % kv_heads) * group
     offs_m = tl.arange(0, BLOCK_M)
@@ -365,14 +381,15 @@ def q_grad_contiguous(dq, q, do, lse2, delta, k_desc, v_desc, kv_bh, n_keys, qk_
 
 @jit
 def q_grad_kernel(q_txt, do_txt, q_img, do_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, dq_txt, dq_img, Lse, Delta,
-                  heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x, n_text_blocks, reach_y, reach_x,
-                  max_d2, qk_scale, scale, HEAD_DIM: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr,
-                  KY: tl.constexpr, KX: tl.constexpr, CIRCLE: tl.constexpr, PRECISION: tl.constexpr):
+                  heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x, n_text_blocks, n_image_tiles,
+                  n_heads, reach_y, reach_x, max_d2, qk_scale, scale, HEAD_DIM: tl.constexpr, TY: tl.constexpr,
+                  TX: tl.constexpr, KY: tl.constexpr, KX: tl.constexpr, CIRCLE: tl.constexpr,
+                  PRECISION: tl.constexpr):
     """One program per query tile (as the forward) and (batch, head)."""
     BLOCK_M: tl.constexpr = TY * TX
     BLOCK_N: tl.constexpr = KY * KX
-    tile = tl.program_id(0)
-    bh, kv_bh = head_indices(heads, group)
+    tile, bh = program_block(n_text_blocks, n_image_tiles, 0, n_heads)
+    kv_bh = kv_head(bh, heads, group)
     offs_m = tl.arange(0, BLOCK_M)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if tile < n_text_blocks:

@@ -161,15 +161,16 @@ def local_window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     lse = q.new_empty(q.shape[:3], dtype=lse_dtype_for(q.dtype))
     tiles_x = triton.cdiv(grid_w, tiles.tx)
     n_text_blocks = triton.cdiv(n_text, block_m)
-    n_programs = n_text_blocks + triton.cdiv(grid_h, tiles.ty) * tiles_x
+    n_image_tiles = triton.cdiv(grid_h, tiles.ty) * tiles_x
     with _device_guard(q):
-        forward_kernel[(n_programs, batch * heads)](
+        forward_kernel[((n_text_blocks + n_image_tiles) * batch * heads,)](
             _sequence(q, n_text, block_m), _image(q, n_text, grid_h, grid_w, tiles.ty, tiles.tx),
             _sequence(k, n_tokens, block_n), _sequence(v, n_tokens, block_n),
-            _image(k, n_text, grid_h, grid_w, tiles.ky, tiles.kx), _image(v, n_text, grid_h, grid_w, tiles.ky, tiles.kx),
+            _image(k, n_text, grid_h, grid_w, tiles.ky, tiles.kx),
+            _image(v, n_text, grid_h, grid_w, tiles.ky, tiles.kx),
             k_ext, v_ext, _sequence(out, n_text, block_m), _image(out, n_text, grid_h, grid_w, tiles.ty, tiles.tx), lse,
-            heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x, n_text_blocks, pattern.reach_y,
-            pattern.reach_x, pattern.max_d2, scale * LOG2E,
+            heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x, n_text_blocks, n_image_tiles,
+            batch * heads, pattern.reach_y, pattern.reach_x, pattern.max_d2, scale * LOG2E,
             HEAD_DIM=head_dim, TY=tiles.ty, TX=tiles.tx, KY=tiles.ky, KX=tiles.kx, CIRCLE=pattern.circle,
             PRECISION=_precision(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out, lse
@@ -214,16 +215,17 @@ def local_window_attention_triton_backward(
         key_tiles_x = triton.cdiv(grid_w, tiles.kx)
         n_image_key_tiles = triton.cdiv(grid_h, tiles.ky) * key_tiles_x
         n_text_key_blocks = triton.cdiv(n_text, block_n)
-        n_kv_programs = n_text_key_blocks + n_image_key_tiles + triton.cdiv(n_extra, block_n)
+        n_extra_key_blocks = triton.cdiv(n_extra, block_n)
         key_tile = dict(n_text=n_text, grid_h=grid_h, grid_w=grid_w, rows=tiles.ky, cols=tiles.kx)
         query_tile = dict(n_text=n_text, grid_h=grid_h, grid_w=grid_w, rows=tiles.ty, cols=tiles.tx)
-        kv_grad_kernel[(n_kv_programs, batch * kv_heads)](
+        kv_grad_kernel[((n_text_key_blocks + n_image_key_tiles + n_extra_key_blocks) * batch * kv_heads,)](
             _sequence(q, n_tokens, block_m), _sequence(grad_out, n_tokens, block_m), _image(q, **query_tile),
             _image(grad_out, **query_tile), _sequence(k, n_text, block_n), _sequence(v, n_text, block_n),
             _image(k, **key_tile), _image(v, **key_tile), extras[0], extras[1], _sequence(dk, n_text, block_n),
             _sequence(dv, n_text, block_n), _image(dk, **key_tile), _image(dv, **key_tile), extras[2], extras[3],
             lse, delta, heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, key_tiles_x, n_text_key_blocks,
-            n_image_key_tiles, pattern.reach_y, pattern.reach_x, pattern.max_d2, scale * LOG2E, scale,
+            n_image_key_tiles, n_extra_key_blocks, batch * kv_heads, pattern.reach_y, pattern.reach_x, pattern.max_d2,
+            scale * LOG2E, scale,
             HEAD_DIM=head_dim, TY=tiles.ty, TX=tiles.tx, KY=tiles.ky, KX=tiles.kx, CIRCLE=pattern.circle,
             PRECISION=precision, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
         block_m, block_n = q_tiles.ty * q_tiles.tx, q_tiles.ky * q_tiles.kx
@@ -231,15 +233,16 @@ def local_window_attention_triton_backward(
         query_tile = dict(n_text=n_text, grid_h=grid_h, grid_w=grid_w, rows=q_tiles.ty, cols=q_tiles.tx)
         q_tiles_x = triton.cdiv(grid_w, q_tiles.tx)
         n_text_query_blocks = triton.cdiv(n_text, block_m)
-        n_q_programs = n_text_query_blocks + triton.cdiv(grid_h, q_tiles.ty) * q_tiles_x
+        n_image_query_tiles = triton.cdiv(grid_h, q_tiles.ty) * q_tiles_x
         k_ext, v_ext = ((_sequence(extra_k, n_extra, block_n), _sequence(extra_v, n_extra, block_n)) if n_extra
                         else (_sequence(k, n_tokens, block_n), _sequence(v, n_tokens, block_n)))
-        q_grad_kernel[(n_q_programs, batch * heads)](
+        q_grad_kernel[((n_text_query_blocks + n_image_query_tiles) * batch * heads,)](
             _sequence(q, n_text, block_m), _sequence(grad_out, n_text, block_m), _image(q, **query_tile),
             _image(grad_out, **query_tile), _sequence(k, n_tokens, block_n), _sequence(v, n_tokens, block_n),
             _image(k, **key_tile), _image(v, **key_tile), k_ext, v_ext, _sequence(dq, n_text, block_m),
             _image(dq, **query_tile), lse, delta, heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, q_tiles_x,
-            n_text_query_blocks, pattern.reach_y, pattern.reach_x, pattern.max_d2, scale * LOG2E, scale,
+            n_text_query_blocks, n_image_query_tiles, batch * heads, pattern.reach_y, pattern.reach_x, pattern.max_d2,
+            scale * LOG2E, scale,
             HEAD_DIM=head_dim, TY=q_tiles.ty, TX=q_tiles.tx, KY=q_tiles.ky, KX=q_tiles.kx, CIRCLE=pattern.circle,
             PRECISION=precision, num_warps=q_tiles.num_warps, num_stages=q_tiles.num_stages)
     return dq, dk, dv, dextra_k, dextra_v

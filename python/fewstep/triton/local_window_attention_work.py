@@ -33,7 +33,8 @@ class KernelWork(NamedTuple):
     def flops(self, head_dim: int, batch_heads: int = 1) -> dict:
         """FLOPs of each kernel on its computed pairs, and the useful FLOPs of the forward and of
         forward + backward (4·D and 14·D per admitted pair: two products forward, five backward)."""
-        computed = {name: FLOPS_PER_PAIR[name] * head_dim * batch_heads * getattr(self, name) for name in FLOPS_PER_PAIR}
+        computed = {name: flops * head_dim * batch_heads * getattr(self, name)
+                    for name, flops in FLOPS_PER_PAIR.items()}
         useful = 4 * head_dim * batch_heads * self.admitted
         return dict(computed, backward=computed["kv_grad"] + computed["q_grad"], useful_forward=useful,
                     useful_forward_backward=3.5 * useful)
