@@ -5,8 +5,9 @@ block mask, FlexAttention with a 2-D-tiled token order (image tokens only) and d
 Times are medians of many runs after warm-up (triton.testing.do_bench, L2 flushed), forward and
 forward + backward. useful_TFLOPs counts only the query-key pairs the pattern admits: 4*D per pair
 and head for the forward, 14*D for forward + backward (the backward's five products; dense SDPA:
-every pair). bench/local_window_attention_work.py adds, from the results, the rate on the work the
-kernels compute (whole tiles) and the floors. fewstep also
+every pair). fewstep's rows also report computed_TFLOPs, the rate on the pairs the kernels compute
+(whole tiles, fewstep.triton.local_window_attention_work); bench/local_window_attention_work.py
+adds the floors and the launch-order model. fewstep also
 reports the first-call time of a resolution it has not seen (setup_ms) and whether that call
 compiled a kernel. Each provider is guarded: one that fails prints its error and the others still
 report."""
@@ -114,6 +115,7 @@ def _guarded(case, provider, body):
 def run(rec):
     import fewstep
     from fewstep.triton.local_window_attention import compiled_kernel_count
+    from fewstep.triton.local_window_attention_work import kernel_work
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 
@@ -150,7 +152,15 @@ def run(rec):
 
             def attend(q, k, v):
                 return fewstep.local_window_attention(q, k, v, grid=(h, w), n_text=n_text, radius=radius)
-            _record(rec, case, "fewstep", _time(attend, with_backward, (q, k, v)), flops)
+            times = _time(attend, with_backward, (q, k, v))
+            _record(rec, case, "fewstep", times, flops)
+            # the rate on the pairs the kernels compute (whole tiles): kernel efficiency apart from tile waste
+            work = kernel_work((h, w), n_text, radius=radius, head_dim=HEAD_DIM, dtype=DTYPE).flops(HEAD_DIM, HEADS)
+            computed = (work["forward"], work["forward"] + work["backward"])
+            for direction, ms, flops_done in zip(("fwd", "fwd+bwd"), times, computed):
+                if ms is not None:
+                    rec.add(SUITE, case, f"fewstep {direction}, computed work", DTYPE, ms, "computed_TFLOPs",
+                            flops_done / (ms * 1e-3) / 1e12)
 
         def flex_raster():
             torch.cuda.synchronize()

@@ -80,7 +80,9 @@ def write(rec, stem, ceilings):
                     "parameter for AdamW + EMA, 28 B for AdamW alone) at the copy bandwidth over the median time. "
                     "clear_layer: one FLUX single-stream attention layer (projections, "
                     "RoPE, attention), x_dense = the dense layer's time over the row's. local_window_attention: "
-                    "useful_TFLOPs counts only the query-key pairs the mask admits (dense SDPA: all pairs); "
+                    "useful_TFLOPs counts only the query-key pairs the mask admits, 4·D FLOPs per pair forward "
+                    "and 14·D forward + backward (dense SDPA: all pairs); computed_TFLOPs counts the pairs "
+                    "fewstep's kernels compute (whole tiles; 4·D forward, 8·D dK/dV, 6·D dQ); "
                     "'fewstep first call' is the wall time of the first call at a new resolution, with the "
                     "number of Triton kernels it compiled.")
     print("wrote", stem + ".json", flush=True)
