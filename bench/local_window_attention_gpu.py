@@ -22,6 +22,8 @@ import torch.nn.functional as F
 
 from common import gpu_median_ms
 
+from fewstep.triton.local_window_attention_work import admitted_pairs, kernel_work
+
 SUITE = "local_window_attention"
 HEADS, HEAD_DIM, DTYPE = 24, 128, torch.bfloat16
 # (image grid side, text tokens, radius, time the backward too)
@@ -32,24 +34,6 @@ TILE_Y, TILE_X = 8, 16  # FlexAttention's 2-D-tiled order: 128-token blocks of 8
 def max_sq_distance(radius: float) -> int:
     """The largest integer squared distance d^2 < radius^2 (CLEAR's strict circle)."""
     return math.ceil(radius * radius) - 1
-
-
-def admitted_image_pairs(h: int, w: int, radius: float) -> int:
-    """Image query-key pairs within the circle on an h x w grid, border clipping included."""
-    max_d2 = max_sq_distance(radius)
-    reach = math.isqrt(max_d2)
-    total = 0
-    for dy in range(-reach, reach + 1):
-        dx_reach = math.isqrt(max_d2 - dy * dy)
-        rows = max(h - abs(dy), 0)
-        total += rows * sum(max(w - abs(dx), 0) for dx in range(-dx_reach, dx_reach + 1))
-    return total
-
-
-def admitted_pairs(h: int, w: int, n_text: int, radius: float) -> int:
-    """Pairs of CLEAR's mask: text queries see all N keys, image queries every text key and their circle."""
-    n = n_text + h * w
-    return n_text * n + h * w * n_text + admitted_image_pairs(h, w, radius)
 
 
 def clear_mask_mod(h: int, w: int, n_text: int, radius: float):
@@ -115,7 +99,6 @@ def _guarded(case, provider, body):
 def run(rec):
     import fewstep
     from fewstep.triton.local_window_attention import compiled_kernel_count
-    from fewstep.triton.local_window_attention_work import kernel_work
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 
@@ -132,7 +115,7 @@ def run(rec):
         h = w = side
         n = n_text + h * w
         case = f"{h}x{w}+{n_text} r={radius}"
-        pairs = admitted_pairs(h, w, n_text, radius)
+        pairs = admitted_pairs((h, w), n_text, radius=radius)
         flops = 4 * HEAD_DIM * pairs * HEADS
         print(f"{SUITE}: {case}: N={n}, admitted pairs {pairs} ({100 * pairs / n ** 2:.1f}% of dense)", flush=True)
         gen = torch.Generator(device="cuda").manual_seed(0)
@@ -185,7 +168,7 @@ def run(rec):
             def attend(q, k, v):
                 return flex(q, k, v, block_mask=mask)
             _record(rec, case, "flex 2-D tiled, image only", _time(attend, with_backward, image),
-                    4 * HEAD_DIM * admitted_image_pairs(h, w, radius) * HEADS)
+                    4 * HEAD_DIM * admitted_pairs((h, w), radius=radius) * HEADS)
 
         def dense():
             _record(rec, case, "dense SDPA", _time(F.scaled_dot_product_attention, with_backward, (q, k, v)),

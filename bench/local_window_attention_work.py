@@ -17,6 +17,7 @@ it has their profiler times."""
 from __future__ import annotations
 
 import argparse
+import functools
 import heapq
 import json
 import re
@@ -38,6 +39,13 @@ TARGETS = [("64x64+512 r=16", "fwd+bwd", "flex raster (CLEAR)", 2.0),
 def parse_case(case: str) -> tuple[int, int, int, float]:
     h, w, n_text, radius = re.fullmatch(r"(\d+)x(\d+)\+(\d+) r=([\d.]+)", case).groups()
     return int(h), int(w), int(n_text), float(radius)
+
+
+@functools.cache
+def case_flops(case: str, tiles: KernelTiles) -> dict:
+    """KernelWork.flops of a benchmark case at ``tiles``, for all heads."""
+    h, w, n_text, radius = parse_case(case)
+    return kernel_work((h, w), n_text, radius=radius, tiles=tiles).flops(HEAD_DIM, HEADS)
 
 
 def dense_flops(n: int, direction: str) -> float:
@@ -64,7 +72,7 @@ def report(results: dict, tiles: KernelTiles, kernel_ms: dict) -> str:
              "| dense SDPA TFLOP/s | floor ms at SDPA's rate |", "|---|---|---|---|---|---|---|---|---|"]
     for case in cases:
         h, w, n_text, radius = parse_case(case)
-        flops = kernel_work((h, w), n_text, radius=radius, tiles=tiles).flops(HEAD_DIM, HEADS)
+        flops = case_flops(case, tiles)
         for direction in ("fwd", "fwd+bwd"):
             ours, dense = times.get((case, f"fewstep {direction}")), times.get((case, f"dense SDPA {direction}"))
             if ours is None or dense is None:
@@ -84,7 +92,7 @@ def report(results: dict, tiles: KernelTiles, kernel_ms: dict) -> str:
         if None in (base, ours, dense):
             continue
         h, w, n_text, radius = parse_case(case)
-        flops = kernel_work((h, w), n_text, radius=radius, tiles=tiles).flops(HEAD_DIM, HEADS)
+        flops = case_flops(case, tiles)
         computed = flops["forward"] + (flops["backward"] if direction == "fwd+bwd" else 0)
         target_ms = base / speedup
         needed = computed / (target_ms * 1e-3)
@@ -96,8 +104,7 @@ def report(results: dict, tiles: KernelTiles, kernel_ms: dict) -> str:
                   "work it computes.", "", "| case | kernel | ms | computed GFLOP | TFLOP/s on computed |",
                   "|---|---|---|---|---|"]
         for (case, kernel), ms in kernel_ms.items():
-            h, w, n_text, radius = parse_case(case)
-            work = kernel_work((h, w), n_text, radius=radius, tiles=tiles).flops(HEAD_DIM, HEADS)
+            work = case_flops(case, tiles)
             name = kernel.removesuffix("_kernel")
             if name in work:
                 lines.append(f"| {case} | {kernel} | {ms:.3f} | {work[name] / 1e9:.0f} | "

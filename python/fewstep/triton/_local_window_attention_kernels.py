@@ -50,12 +50,27 @@ def admitted(qy, qx, ky, kx, reach_y, reach_x, max_d2, CIRCLE: tl.constexpr):
 
 
 @triton.jit
+def tile_positions(y0, x0, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Grid coordinates (ys, xs) of the ROWS x COLS positions of the tile at (y0, x0), row by row."""
+    offs = tl.arange(0, ROWS * COLS)
+    return y0 + offs // COLS, x0 + offs % COLS
+
+
+@triton.jit
+def image_tile(index, tiles_x, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Corner (y0, x0) and positions (ys, xs) of image tile ``index``, in raster order of tiles_x
+    tiles per row."""
+    y0 = (index // tiles_x) * ROWS
+    x0 = (index % tiles_x) * COLS
+    ys, xs = tile_positions(y0, x0, ROWS, COLS)
+    return y0, x0, ys, xs
+
+
+@triton.jit
 def image_mask(qy, qx, ky0, kx0, grid_h, grid_w, reach_y, reach_x, max_d2, KY: tl.constexpr, KX: tl.constexpr,
                CIRCLE: tl.constexpr):
     """[queries, keys] mask of the KY x KX key tile at (ky0, kx0): the pattern, and keys inside the grid."""
-    offs_n = tl.arange(0, KY * KX)
-    ky = ky0 + offs_n // KX
-    kx = kx0 + offs_n % KX
+    ky, kx = tile_positions(ky0, kx0, KY, KX)
     return admitted(qy, qx, ky, kx, reach_y, reach_x, max_d2, CIRCLE) & ((ky < grid_h) & (kx < grid_w))[None, :]
 
 
@@ -214,11 +229,7 @@ def forward_kernel(q_txt, q_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, o_txt
         rows = row0 + offs_m
         row_ok = rows < n_text
     else:
-        image_tile = tile - n_text_blocks
-        qy0 = (image_tile // tiles_x) * TY
-        qx0 = (image_tile % tiles_x) * TX
-        qy = qy0 + offs_m // TX
-        qx = qx0 + offs_m % TX
+        qy0, qx0, qy, qx = image_tile(tile - n_text_blocks, tiles_x, TY, TX)
         q = load_tile(q_img, bh, qy0, qx0, TY, TX, HEAD_DIM)
         acc, m_i, l_i = attend_contiguous(acc, m_i, l_i, q, k_seq, v_seq, kv_bh, n_text, qk_scale, BLOCK_N,
                                           HEAD_DIM, PRECISION)
@@ -301,8 +312,6 @@ def kv_grad_kernel(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_img, k_e
     tile, kv_bh = program_block(n_text_blocks, n_image_tiles, n_extra_blocks, n_heads)
     kv_heads = heads // group
     first_bh = (kv_bh // kv_heads) * heads + (kv_bh % kv_heads) * group
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     if tile < n_text_blocks:  # text keys: every query row admits them
@@ -315,11 +324,7 @@ def kv_grad_kernel(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_img, k_e
         dk_txt.store([kv_bh, col0, 0], (dk * scale).to(k.dtype).reshape(1, BLOCK_N, HEAD_DIM))  # clipped at n_text
         dv_txt.store([kv_bh, col0, 0], dv.to(k.dtype).reshape(1, BLOCK_N, HEAD_DIM))
     elif tile < n_text_blocks + n_image_tiles:
-        image_tile = tile - n_text_blocks
-        ky0 = (image_tile // tiles_x) * KY
-        kx0 = (image_tile % tiles_x) * KX
-        ky = ky0 + offs_n // KX
-        kx = kx0 + offs_n % KX
+        ky0, kx0, ky, kx = image_tile(tile - n_text_blocks, tiles_x, KY, KX)
         k = load_tile(k_img, kv_bh, ky0, kx0, KY, KX, HEAD_DIM)
         v = load_tile(v_img, kv_bh, ky0, kx0, KY, KX, HEAD_DIM)
         ky1, kx1, qy_first, qx_first, qx_end_first, n_query_tiles = walk_start(
@@ -331,8 +336,7 @@ def kv_grad_kernel(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_img, k_e
                                         qk_scale, BLOCK_M, HEAD_DIM, PRECISION)
             qy0, qx0, qx_end = qy_first, qx_first, qx_end_first
             for _ in range(n_query_tiles):
-                qy = qy0 + offs_m // TX
-                qx = qx0 + offs_m % TX
+                qy, qx = tile_positions(qy0, qx0, TY, TX)
                 lse2, delta = row_stats(Lse, Delta, bh, n_tokens, n_text + qy * grid_w + qx,
                                         (qy < grid_h) & (qx < grid_w))
                 q = load_tile(q_img, bh, qy0, qx0, TY, TX, HEAD_DIM)
@@ -402,11 +406,7 @@ def q_grad_kernel(q_txt, do_txt, q_img, do_img, k_seq, v_seq, k_img, v_img, k_ex
                                PRECISION)
         dq_txt.store([bh, row0, 0], (dq * scale).to(q.dtype).reshape(1, BLOCK_M, HEAD_DIM))  # clipped at n_text
     else:
-        image_tile = tile - n_text_blocks
-        qy0 = (image_tile // tiles_x) * TY
-        qx0 = (image_tile % tiles_x) * TX
-        qy = qy0 + offs_m // TX
-        qx = qx0 + offs_m % TX
+        qy0, qx0, qy, qx = image_tile(tile - n_text_blocks, tiles_x, TY, TX)
         lse2, delta = row_stats(Lse, Delta, bh, n_tokens, n_text + qy * grid_w + qx, (qy < grid_h) & (qx < grid_w))
         q = load_tile(q_img, bh, qy0, qx0, TY, TX, HEAD_DIM)
         do = load_tile(do_img, bh, qy0, qx0, TY, TX, HEAD_DIM)

@@ -52,12 +52,17 @@ def walk(fy0: int, fx0: int, rows: int, cols: int, grid_h: int, grid_w: int, rea
         yield from ((y0, x0) for x0 in range(max(fx0 - dx, 0), min(fx1 + dx + 1, grid_w), tile_cols))
 
 
-def _admitted_image_pairs(grid_h: int, grid_w: int, pattern) -> int:
-    total = 0
+def admitted_pairs(grid: tuple[int, int], n_text: int = 0, *, radius: Optional[float] = None,
+                   window: Optional[tuple[int, int]] = None, n_extra: int = 0) -> int:
+    """Query-key pairs the pattern admits for one (batch, head): text queries see every sequence
+    key, image queries every text and extra key and the image keys of their circle or window."""
+    pattern = _pattern_of(grid, radius, window, "admitted_pairs")
+    grid_h, grid_w = grid
+    image = 0
     for dy in range(-pattern.reach_y, pattern.reach_y + 1):
         dx = math.isqrt(pattern.max_d2 - dy * dy) if pattern.circle else pattern.reach_x
-        total += max(grid_h - abs(dy), 0) * sum(max(grid_w - abs(x), 0) for x in range(-dx, dx + 1))
-    return total
+        image += max(grid_h - abs(dy), 0) * sum(max(grid_w - abs(x), 0) for x in range(-dx, dx + 1))
+    return n_text * (n_text + grid_h * grid_w) + grid_h * grid_w * (n_text + n_extra) + image
 
 
 class KernelPrograms(NamedTuple):
@@ -69,12 +74,11 @@ class KernelPrograms(NamedTuple):
     block_n: int
 
 
-def _resolve(grid, radius, window, tiles, head_dim, dtype, caller: str):
+def _pattern_of(grid, radius, window, caller: str):
     if (radius is None) == (window is None):
         raise ValueError(f"{caller}: expected exactly one of radius and window")
     window_h, window_w = window if window is not None else (-1, -1)
-    pattern = _pattern(*grid, radius if radius is not None else 0.0, window_h, window_w)
-    return pattern, tiles or kernel_tiles(head_dim, dtype)
+    return _pattern(*grid, radius if radius is not None else 0.0, window_h, window_w)
 
 
 def kernel_programs(kernel: str, grid: tuple[int, int], n_text: int = 0, *, radius: Optional[float] = None,
@@ -82,7 +86,8 @@ def kernel_programs(kernel: str, grid: tuple[int, int], n_text: int = 0, *, radi
                     dtype: torch.dtype = torch.bfloat16, tiles: Optional[KernelTiles] = None) -> KernelPrograms:
     """The programs ``kernel`` ("forward", "kv_grad" or "q_grad") launches for one (batch, head) and
     how many key (or query) blocks each one visits, at ``tiles`` (default: the kernels' tiles)."""
-    pattern, tiles = _resolve(grid, radius, window, tiles, head_dim, dtype, "kernel_programs")
+    pattern = _pattern_of(grid, radius, window, "kernel_programs")
+    tiles = tiles or kernel_tiles(head_dim, dtype)
     grid_h, grid_w = grid
     n_tokens = n_text + grid_h * grid_w
     reach = (grid_h, grid_w, pattern.reach_y, pattern.reach_x, pattern.max_d2, pattern.circle)
@@ -110,13 +115,12 @@ def kernel_work(grid: tuple[int, int], n_text: int = 0, *, radius: Optional[floa
                 dtype: torch.dtype = torch.bfloat16, tiles: Optional[KernelTiles] = None) -> KernelWork:
     """Pairs computed by each Triton kernel for one (batch, query head) of ``local_window_attention``
     with these arguments, at ``tiles`` (default: the kernels' tiles for head_dim and dtype)."""
-    pattern, tiles = _resolve(grid, radius, window, tiles, head_dim, dtype, "kernel_work")
-    grid_h, grid_w = grid
+    _pattern_of(grid, radius, window, "kernel_work")  # the argument check, named after this function
+    tiles = tiles or kernel_tiles(head_dim, dtype)
 
     def pairs(kernel: str) -> int:
         programs = kernel_programs(kernel, grid, n_text, radius=radius, window=window, n_extra=n_extra, tiles=tiles)
         return (sum(programs.long) + sum(programs.image)) * programs.block_m * programs.block_n
 
-    admitted = (n_text * (n_text + grid_h * grid_w) + grid_h * grid_w * (n_text + n_extra)
-                + _admitted_image_pairs(grid_h, grid_w, pattern))
-    return KernelWork(admitted, pairs("forward"), pairs("kv_grad"), pairs("q_grad"))
+    return KernelWork(admitted_pairs(grid, n_text, radius=radius, window=window, n_extra=n_extra), pairs("forward"),
+                      pairs("kv_grad"), pairs("q_grad"))
