@@ -20,7 +20,7 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from common import gpu_median_ms
+from common import gpu_median_ms, graph_replay_ms
 
 from fewstep.triton.local_window_attention_work import admitted_pairs, kernel_work
 
@@ -63,18 +63,21 @@ def tiled_mask_mod(h: int, w: int, radius: float):
     return mask_mod
 
 
-def _time(fn, with_backward: bool, inputs):
-    """(forward ms, forward+backward ms or None) of fn(*inputs)."""
-    with torch.no_grad():
-        fwd = gpu_median_ms(lambda: fn(*inputs))
-    if not with_backward:
-        return fwd, None
+def _fwd_bwd_step(fn, inputs):
+    """A forward + backward of fn(*inputs) with respect to its inputs."""
     leaves = [t.detach().requires_grad_() for t in inputs]
     grad = torch.randn_like(fn(*inputs))
 
     def step():
         torch.autograd.grad(fn(*leaves), leaves, grad)
-    return fwd, gpu_median_ms(step)
+    return step
+
+
+def _time(fn, with_backward: bool, inputs):
+    """(forward ms, forward+backward ms or None) of fn(*inputs)."""
+    with torch.no_grad():
+        fwd = gpu_median_ms(lambda: fn(*inputs))
+    return fwd, gpu_median_ms(_fwd_bwd_step(fn, inputs)) if with_backward else None
 
 
 def _record(rec, case, provider, times, flops_fwd):
@@ -137,6 +140,12 @@ def run(rec):
                 return fewstep.local_window_attention(q, k, v, grid=(h, w), n_text=n_text, radius=radius)
             times = _time(attend, with_backward, (q, k, v))
             _record(rec, case, "fewstep", times, flops)
+            if with_backward:
+                # the same step replayed as a CUDA graph: device time alone, without the host's
+                # Python and launch overhead, which the eager timing includes where it is the longer
+                _guarded(case, "fewstep graph", lambda: rec.add(
+                    SUITE, case, "fewstep fwd+bwd, CUDA graph (device only)", DTYPE,
+                    graph_replay_ms(_fwd_bwd_step(attend, (q, k, v)))))
             # the rate on the pairs the kernels compute (whole tiles): kernel efficiency apart from tile waste
             work = kernel_work((h, w), n_text, radius=radius, head_dim=HEAD_DIM, dtype=DTYPE).flops(HEAD_DIM, HEADS)
             computed = (work["forward"], work["forward"] + work["backward"])

@@ -68,10 +68,14 @@ def image_tile(index, tiles_x, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 @triton.jit
 def image_mask(qy, qx, ky0, kx0, grid_h, grid_w, reach_y, reach_x, max_d2, KY: tl.constexpr, KX: tl.constexpr,
-               CIRCLE: tl.constexpr):
-    """[queries, keys] mask of the KY x KX key tile at (ky0, kx0): the pattern, and keys inside the grid."""
+               CIRCLE: tl.constexpr, GRID_TEST: tl.constexpr):
+    """[queries, keys] mask of the KY x KX key tile at (ky0, kx0): the pattern, and with GRID_TEST keys
+    inside the grid."""
     ky, kx = tile_positions(ky0, kx0, KY, KX)
-    return admitted(qy, qx, ky, kx, reach_y, reach_x, max_d2, CIRCLE) & ((ky < grid_h) & (kx < grid_w))[None, :]
+    mask = admitted(qy, qx, ky, kx, reach_y, reach_x, max_d2, CIRCLE)
+    if GRID_TEST:
+        mask = mask & ((ky < grid_h) & (kx < grid_w))[None, :]
+    return mask
 
 
 @triton.jit
@@ -137,12 +141,13 @@ def walk_start(fy0, fx0, grid_h, grid_w, reach_y, reach_x, max_d2, FY: tl.conste
 @triton.jit
 def load_key_tile(k_img, v_img, kv_bh, qy0, qy1, qx0, qx1, ky0, kx0, grid_h, grid_w, reach_y, reach_x, max_d2,
                   KY: tl.constexpr, KX: tl.constexpr, HEAD_DIM: tl.constexpr, CIRCLE: tl.constexpr):
-    """K and V of the KY x KX key tile at (ky0, kx0), and whether the tile needs no element mask: it
-    lies inside the grid and every query of [qy0, qy1] x [qx0, qx1] admits all of it."""
+    """K and V of the KY x KX key tile at (ky0, kx0), whether every query of [qy0, qy1] x [qx0, qx1]
+    admits all of it, and whether it lies inside the grid."""
     k = load_tile(k_img, kv_bh, ky0, kx0, KY, KX, HEAD_DIM)
     v = load_tile(v_img, kv_bh, ky0, kx0, KY, KX, HEAD_DIM)
-    inside = tile_inside(qy0, qy1, qx0, qx1, ky0, ky0 + KY - 1, kx0, kx0 + KX - 1, reach_y, reach_x, max_d2, CIRCLE)
-    return k, v, inside & (ky0 + KY <= grid_h) & (kx0 + KX <= grid_w)
+    admits_all = tile_inside(qy0, qy1, qx0, qx1, ky0, ky0 + KY - 1, kx0, kx0 + KX - 1, reach_y, reach_x, max_d2,
+                             CIRCLE)
+    return k, v, admits_all, (ky0 + KY <= grid_h) & (kx0 + KX <= grid_w)
 
 
 @triton.jit
@@ -182,10 +187,11 @@ def load_block(desc, bh, row0, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def online_update(acc, m_i, l_i, s, v, PRECISION: tl.constexpr):
-    """One key block of the online softmax from its (masked, base-2 scaled) scores s [M, N]."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.exp2(s - m_new[:, None])
+def online_update(acc, m_i, l_i, s, v, qk_scale, PRECISION: tl.constexpr):
+    """One key block of the online softmax from its (masked) scores s = q.k [M, N]; m_i is in base-2
+    scaled units. The scale (> 0, checked) is applied in the exponent: one FMA per score."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    p = tl.exp2(s * qk_scale - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -195,14 +201,20 @@ def online_update(acc, m_i, l_i, s, v, PRECISION: tl.constexpr):
 @triton.jit
 def attend_contiguous(acc, m_i, l_i, q, k_desc, v_desc, kv_bh, n_keys, qk_scale, BLOCK_N: tl.constexpr,
                       HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
-    """Keys 0..n_keys of a [B*kv_heads, n, D] descriptor, all admitted."""
-    offs_n = tl.arange(0, BLOCK_N)
-    for start in range(0, n_keys, BLOCK_N):
+    """Keys 0..n_keys of a [B*kv_heads, n, D] descriptor, all admitted: whole blocks unmasked, then
+    the partial last block with the keys past n_keys masked."""
+    n_whole = (n_keys // BLOCK_N) * BLOCK_N
+    for start in range(0, n_whole, BLOCK_N):
         k = load_block(k_desc, kv_bh, start, BLOCK_N, HEAD_DIM)
         v = load_block(v_desc, kv_bh, start, BLOCK_N, HEAD_DIM)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(((start + offs_n) < n_keys)[None, :], s, float("-inf"))
-        acc, m_i, l_i = online_update(acc, m_i, l_i, s, v, PRECISION)
+        acc, m_i, l_i = online_update(acc, m_i, l_i, tl.dot(q, tl.trans(k), input_precision=PRECISION), v,
+                                      qk_scale, PRECISION)
+    if n_whole < n_keys:
+        k = load_block(k_desc, kv_bh, n_whole, BLOCK_N, HEAD_DIM)
+        v = load_block(v_desc, kv_bh, n_whole, BLOCK_N, HEAD_DIM)
+        s = tl.where(((n_whole + tl.arange(0, BLOCK_N)) < n_keys)[None, :],
+                     tl.dot(q, tl.trans(k), input_precision=PRECISION), float("-inf"))
+        acc, m_i, l_i = online_update(acc, m_i, l_i, s, v, qk_scale, PRECISION)
     return acc, m_i, l_i
 
 
@@ -236,13 +248,13 @@ def forward_kernel(q_txt, q_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, o_txt
         qy1, qx1, ky0, kx0, kx_end, n_key_tiles = walk_start(qy0, qx0, grid_h, grid_w, reach_y, reach_x, max_d2,
                                                              TY, TX, KY, KX, CIRCLE)
         for _ in range(n_key_tiles):
-            k, v, full = load_key_tile(k_img, v_img, kv_bh, qy0, qy1, qx0, qx1, ky0, kx0, grid_h, grid_w, reach_y,
-                                       reach_x, max_d2, KY, KX, HEAD_DIM, CIRCLE)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            if not full:  # the element mask only on tiles the pattern or the grid border cuts
-                s = tl.where(image_mask(qy, qx, ky0, kx0, grid_h, grid_w, reach_y, reach_x, max_d2, KY, KX, CIRCLE),
-                             s, float("-inf"))
-            acc, m_i, l_i = online_update(acc, m_i, l_i, s, v, PRECISION)
+            k, v, admits_all, in_grid = load_key_tile(k_img, v_img, kv_bh, qy0, qy1, qx0, qx1, ky0, kx0, grid_h,
+                                                      grid_w, reach_y, reach_x, max_d2, KY, KX, HEAD_DIM, CIRCLE)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            if not (admits_all & in_grid):  # the element mask only on tiles the pattern or the grid border cuts
+                s = tl.where(image_mask(qy, qx, ky0, kx0, grid_h, grid_w, reach_y, reach_x, max_d2, KY, KX, CIRCLE,
+                                        True), s, float("-inf"))
+            acc, m_i, l_i = online_update(acc, m_i, l_i, s, v, qk_scale, PRECISION)
             ky0, kx0, kx_end = walk_next(ky0, kx0, kx_end, qy0, qy1, qx0, qx1, grid_h, grid_w, reach_x, max_d2,
                                          KY, KX, CIRCLE)
         acc, m_i, l_i = attend_contiguous(acc, m_i, l_i, q, k_ext, v_ext, kv_bh, n_extra, qk_scale, BLOCK_N,
@@ -373,12 +385,19 @@ def q_grad_update(dq, p, do, k, v, delta, PRECISION: tl.constexpr):
 @triton.jit
 def q_grad_contiguous(dq, q, do, lse2, delta, k_desc, v_desc, kv_bh, n_keys, qk_scale, BLOCK_N: tl.constexpr,
                       HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
-    offs_n = tl.arange(0, BLOCK_N)
-    for start in range(0, n_keys, BLOCK_N):
+    """Keys 0..n_keys, all admitted: whole blocks unmasked, then the partial last block with the keys
+    past n_keys masked (the descriptor may go on: image queries read the text keys of the sequence)."""
+    n_whole = (n_keys // BLOCK_N) * BLOCK_N
+    for start in range(0, n_whole, BLOCK_N):
         k = load_block(k_desc, kv_bh, start, BLOCK_N, HEAD_DIM)
         v = load_block(v_desc, kv_bh, start, BLOCK_N, HEAD_DIM)
         p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None])
-        p = tl.where(((start + offs_n) < n_keys)[None, :], p, 0.0)
+        dq = q_grad_update(dq, p, do, k, v, delta, PRECISION)
+    if n_whole < n_keys:
+        k = load_block(k_desc, kv_bh, n_whole, BLOCK_N, HEAD_DIM)
+        v = load_block(v_desc, kv_bh, n_whole, BLOCK_N, HEAD_DIM)
+        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None])
+        p = tl.where(((n_whole + tl.arange(0, BLOCK_N)) < n_keys)[None, :], p, 0.0)
         dq = q_grad_update(dq, p, do, k, v, delta, PRECISION)
     return dq
 
@@ -415,12 +434,12 @@ def q_grad_kernel(q_txt, do_txt, q_img, do_img, k_seq, v_seq, k_img, v_img, k_ex
         qy1, qx1, ky0, kx0, kx_end, n_key_tiles = walk_start(qy0, qx0, grid_h, grid_w, reach_y, reach_x, max_d2,
                                                              TY, TX, KY, KX, CIRCLE)
         for _ in range(n_key_tiles):
-            k, v, full = load_key_tile(k_img, v_img, kv_bh, qy0, qy1, qx0, qx1, ky0, kx0, grid_h, grid_w, reach_y,
-                                       reach_x, max_d2, KY, KX, HEAD_DIM, CIRCLE)
+            k, v, admits_all, _ = load_key_tile(k_img, v_img, kv_bh, qy0, qy1, qx0, qx1, ky0, kx0, grid_h, grid_w,
+                                                reach_y, reach_x, max_d2, KY, KX, HEAD_DIM, CIRCLE)
             p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None])
-            if not full:
-                p = tl.where(image_mask(qy, qx, ky0, kx0, grid_h, grid_w, reach_y, reach_x, max_d2, KY, KX, CIRCLE),
-                             p, 0.0)
+            if not admits_all:  # keys outside the grid load as zero rows of K: their dS adds nothing to dS @ K
+                p = tl.where(image_mask(qy, qx, ky0, kx0, grid_h, grid_w, reach_y, reach_x, max_d2, KY, KX, CIRCLE,
+                                        False), p, 0.0)
             dq = q_grad_update(dq, p, do, k, v, delta, PRECISION)
             ky0, kx0, kx_end = walk_next(ky0, kx0, kx_end, qy0, qy1, qx0, qx1, grid_h, grid_w, reach_x, max_d2,
                                          KY, KX, CIRCLE)

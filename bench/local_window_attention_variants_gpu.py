@@ -1,0 +1,80 @@
+"""A/B timing of variants of the local-window attention kernel module on the GPU (bf16, B=1, 24
+heads, D=128; CLEAR's shapes): each variant is a copy of
+``fewstep/triton/_local_window_attention_kernels.py`` with the same kernel signatures, run through
+the production launchers. Per variant and shape: device time of the forward op and of the backward
+op (CUDA-graph replay, so host overhead is left out), per-kernel profiler times, and the largest
+difference from the first variant's outputs and gradients. Variants are timed in turn, twice, in
+reverse order the second time, so clock drift does not favour one.
+
+Usage: ``python bench/local_window_attention_variants_gpu.py [--out DIR] NAME=PATH ...``; writes
+``DIR/local_window_attention_variants.json``."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import gpu_median_ms, graph_replay_ms  # noqa: E402
+from local_window_attention_tiles_gpu import kernel_times  # noqa: E402
+
+from fewstep.triton import local_window_attention as lwa  # noqa: E402
+
+HEADS, HEAD_DIM, DTYPE = 24, 128, torch.bfloat16
+SHAPES = [(64, 512, 16.0), (64, 512, 8.0), (128, 512, 16.0)]  # grid side, text tokens, radius
+
+
+def load_variant(name: str, path: str):
+    spec = importlib.util.spec_from_file_location(f"lwa_variant_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    import triton
+    return triton, module.forward_kernel, module.delta_kernel, module.kv_grad_kernel, module.q_grad_kernel
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=".")
+    parser.add_argument("variants", nargs="+", help="NAME=PATH of a kernel module")
+    args = parser.parse_args()
+    variants = {name: load_variant(name, path) for name, path in (v.split("=", 1) for v in args.variants)}
+    rows = []
+    for side, n_text, radius in SHAPES:
+        n = n_text + side * side
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v, grad_out = (torch.randn(1, HEADS, n, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
+                             for _ in range(4))
+        pattern = (side, side, n_text, radius, -1, -1, HEAD_DIM ** -0.5)
+        fwd = torch.ops.fewstep.local_window_attention_triton
+        bwd = torch.ops.fewstep.local_window_attention_triton_backward
+        reference = None
+        order = list(variants) + list(reversed(variants))
+        for run, name in enumerate(order):
+            lwa._kernels = lambda kernels=variants[name]: kernels
+            out, lse = fwd(q, k, v, None, None, *pattern)
+            grads = bwd(grad_out, q, k, v, None, None, out, lse, *pattern)[:3]
+            if reference is None:
+                reference = (out, *grads)
+                gpu_median_ms(lambda: fwd(q, k, v, None, None, *pattern), warmup_ms=500)  # clocks up
+            row = dict(grid=f"{side}x{side}+{n_text}", radius=radius, variant=name, run=run,
+                       max_abs_diff=max((a.float() - b.float()).abs().max().item()
+                                        for a, b in zip((out, *grads), reference)),
+                       fwd_ms=graph_replay_ms(lambda: fwd(q, k, v, None, None, *pattern)),
+                       bwd_ms=graph_replay_ms(lambda: bwd(grad_out, q, k, v, None, None, out, lse, *pattern)),
+                       fwd_events_ms=gpu_median_ms(lambda: fwd(q, k, v, None, None, *pattern)),
+                       bwd_events_ms=gpu_median_ms(lambda: bwd(grad_out, q, k, v, None, None, out, lse, *pattern)))
+            if run < len(variants):
+                row["kernel_ms"] = kernel_times(lambda: bwd(grad_out, q, k, v, None, None, out, lse, *pattern))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "local_window_attention_variants.json"), "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
