@@ -143,6 +143,29 @@ def test_triton_backward_is_deterministic_and_without_extra_has_empty_extra_grad
     assert first[3].shape == (1, 2, 0, 16) and first[4].shape == (1, 2, 0, 16)
 
 
+@pytest.mark.skipif(not TRITON_HERE, reason="needs triton (under TRITON_INTERPRET=1 on CPU)")
+def test_triton_eager_path_matches_the_ops_and_refuses_double_backward():
+    """Eager calls skip the custom op's dispatch (a plain autograd.Function over the same launchers);
+    they must give exactly what the ops and their registered autograd give."""
+    case = CASES["circle text extra gqa strict"]
+    q, k, v, ek, ev = make_inputs(case, torch.float32, seed=11, requires_grad=True)
+    kwargs = dict(grid=case.grid, n_text=case.n_text, radius=case.radius, extra_k=ek, extra_v=ev)
+    with fewstep.backend("triton"):
+        out, lse = fewstep.local_window_attention(q, k, v, return_lse=True, **kwargs)
+    op_out, op_lse = torch.ops.fewstep.local_window_attention_triton(q, k, v, ek, ev, *case.grid, case.n_text,
+                                                                      case.radius, -1, -1, case.head_dim ** -0.5)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v, ek, ev), grad_out)
+    op_grads = torch.autograd.grad(op_out, (q, k, v, ek, ev), grad_out)
+    assert torch.equal(out, op_out) and torch.equal(lse, op_lse) and not lse.requires_grad
+    assert all(torch.equal(a, b) for a, b in zip(grads, op_grads))
+    with fewstep.backend("triton"):
+        out = fewstep.local_window_attention(q, k, v, **kwargs)
+    (dq,) = torch.autograd.grad(out, q, grad_out.requires_grad_(), create_graph=True)  # as a gradient penalty does
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        dq.sum().backward()
+
+
 # ---- torch.library contract and torch.compile -----------------------------------------------------
 
 def _opcheck_samples():

@@ -122,7 +122,8 @@ def local_window_attention(
             q, k, v, grid=tuple(grid), radius=radius, window=window, n_text=n_text, extra_k=extra_k,
             extra_v=extra_v, scale=args[-1], dtype=lse_dtype_for(q.dtype))
     elif backend == "triton":
-        out, lse = torch.ops.fewstep.local_window_attention_triton(*args)
+        out, lse = (torch.ops.fewstep.local_window_attention_triton(*args) if torch.compiler.is_compiling()
+                    else _TritonEager.apply(*args))
     elif backend == "cpu" and _HAS_CPP_OPS:
         out, lse = torch.ops.fewstep.local_window_attention(*args)
     else:
@@ -146,6 +147,24 @@ def _fake_forward_triton(q, *args):
 def _fake_backward_triton(grad_out, q, *args):
     _triton_lwa.check_triton_args(q)
     return _fake_backward(grad_out, q, *args)
+
+
+class _TritonEager(torch.autograd.Function):
+    """The triton backend in eager mode: the same launchers as the ops, called without the custom
+    op's Python dispatch (argument defaults, redispatch, aliasing checks, its autograd wrapper),
+    which cost more host time per forward + backward than the kernels' device time at the training
+    shape (bench/results/*local_window_attention_host*). torch.compile traces the ops instead."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, extra_k, extra_v, *pattern):
+        out, lse = _triton_lwa.forward(q, k, v, extra_k, extra_v, *pattern)
+        _setup_context(ctx, (q, k, v, extra_k, extra_v, *pattern), (out, lse))
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # the backward kernels have no derivative
+    def backward(ctx, grad_out, grad_lse):
+        return _autograd_backward(_triton_lwa.backward)(ctx, grad_out, grad_lse)
 
 
 _triton_lwa.local_window_attention_triton.register_fake(_fake_forward_triton)

@@ -136,11 +136,12 @@ def _image(t: torch.Tensor, n_text: int, grid_h: int, grid_w: int, rows: int, co
                             [n * head_dim, grid_w * head_dim, head_dim, 1], [1, rows, cols, head_dim])
 
 
-@torch.library.custom_op("fewstep::local_window_attention_triton", mutates_args=())
-def local_window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_k: Optional[torch.Tensor],
-                                  extra_v: Optional[torch.Tensor], grid_h: int, grid_w: int, n_text: int,
-                                  radius: float, window_h: int, window_w: int,
-                                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_k: Optional[torch.Tensor],
+            extra_v: Optional[torch.Tensor], grid_h: int, grid_w: int, n_text: int, radius: float, window_h: int,
+            window_w: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse): checks the arguments and launches the forward kernel. The op
+    ``fewstep::local_window_attention_triton`` runs this; eager autograd calls it directly
+    (fewstep.ops.local_window_attention)."""
     check_triton_args(q)
     check_forward_args(q, k, v, extra_k, extra_v, grid_h, grid_w, n_text, radius, window_h, window_w, scale)
     triton, forward_kernel, *_ = _kernels()
@@ -176,12 +177,12 @@ def local_window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     return out, lse
 
 
-@torch.library.custom_op("fewstep::local_window_attention_triton_backward", mutates_args=())
-def local_window_attention_triton_backward(
-        grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_k: Optional[torch.Tensor],
-        extra_v: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, grid_h: int, grid_w: int,
-        n_text: int, radius: float, window_h: int, window_w: int, scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_k: Optional[torch.Tensor],
+             extra_v: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, grid_h: int, grid_w: int,
+             n_text: int, radius: float, window_h: int, window_w: int,
+             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dextra_k, dextra_v): checks the arguments and launches the backward kernels
+    (the op ``fewstep::local_window_attention_triton_backward`` runs this)."""
     check_triton_args(q)
     check_backward_args(grad_out, q, k, v, extra_k, extra_v, out, lse, grid_h, grid_w, n_text, radius, window_h,
                         window_w, scale)
@@ -246,6 +247,24 @@ def local_window_attention_triton_backward(
             HEAD_DIM=head_dim, TY=q_tiles.ty, TX=q_tiles.tx, KY=q_tiles.ky, KX=q_tiles.kx, CIRCLE=pattern.circle,
             PRECISION=precision, num_warps=q_tiles.num_warps, num_stages=q_tiles.num_stages)
     return dq, dk, dv, dextra_k, dextra_v
+
+
+@torch.library.custom_op("fewstep::local_window_attention_triton", mutates_args=())
+def local_window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_k: Optional[torch.Tensor],
+                                  extra_v: Optional[torch.Tensor], grid_h: int, grid_w: int, n_text: int,
+                                  radius: float, window_h: int, window_w: int,
+                                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return forward(q, k, v, extra_k, extra_v, grid_h, grid_w, n_text, radius, window_h, window_w, scale)
+
+
+@torch.library.custom_op("fewstep::local_window_attention_triton_backward", mutates_args=())
+def local_window_attention_triton_backward(
+        grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_k: Optional[torch.Tensor],
+        extra_v: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, grid_h: int, grid_w: int,
+        n_text: int, radius: float, window_h: int, window_w: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return backward(grad_out, q, k, v, extra_k, extra_v, out, lse, grid_h, grid_w, n_text, radius, window_h, window_w,
+                    scale)
 
 
 def compiled_kernel_count() -> int:
