@@ -46,6 +46,22 @@ def kernel_times(fn, runs: int = 20) -> dict:
     return {e.key: e.device_time_total / runs / 1e3 for e in prof.key_averages() if e.device_time_total > 0}
 
 
+def training_inputs(side: int, n_text: int, radius: float):
+    """q, k, v, grad_out (bf16, seeded) of a side x side grid with n_text text tokens, and the ops'
+    pattern arguments for the radius."""
+    n = n_text + side * side
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, grad_out = (torch.randn(1, HEADS, n, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
+                         for _ in range(4))
+    return q, k, v, grad_out, (side, side, n_text, radius, -1, -1, HEAD_DIM ** -0.5)
+
+
+def write_rows(out_dir: str, name: str, rows: list) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, name), "w") as f:
+        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
@@ -55,11 +71,7 @@ def main():
     default_tiles = lwa.kernel_tiles
     rows = []
     for side, n_text, radius, backward in SHAPES:
-        n = n_text + side * side
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v, grad_out = (torch.randn(1, HEADS, n, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
-                             for _ in range(4))
-        pattern = (side, side, n_text, radius, -1, -1, HEAD_DIM ** -0.5)
+        q, k, v, grad_out, pattern = training_inputs(side, n_text, radius)
         fwd = torch.ops.fewstep.local_window_attention_triton
         bwd = torch.ops.fewstep.local_window_attention_triton_backward
         ref_out, ref_lse = fwd(q, k, v, None, None, *pattern)
@@ -98,9 +110,7 @@ def main():
                     lwa.kernel_tiles = default_tiles
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "local_window_attention_tiles.json"), "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
+        write_rows(args.out, "local_window_attention_tiles.json", rows)
 
 
 if __name__ == "__main__":

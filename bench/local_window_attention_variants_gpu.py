@@ -20,11 +20,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import gpu_median_ms, graph_replay_ms  # noqa: E402
-from local_window_attention_tiles_gpu import kernel_times  # noqa: E402
+from local_window_attention_tiles_gpu import kernel_times, training_inputs, write_rows  # noqa: E402
 
 from fewstep.triton import local_window_attention as lwa  # noqa: E402
 
-HEADS, HEAD_DIM, DTYPE = 24, 128, torch.bfloat16
 SHAPES = [(64, 512, 16.0), (64, 512, 8.0), (128, 512, 16.0)]  # grid side, text tokens, radius
 
 
@@ -44,11 +43,7 @@ def main():
     variants = {name: load_variant(name, path) for name, path in (v.split("=", 1) for v in args.variants)}
     rows = []
     for side, n_text, radius in SHAPES:
-        n = n_text + side * side
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v, grad_out = (torch.randn(1, HEADS, n, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
-                             for _ in range(4))
-        pattern = (side, side, n_text, radius, -1, -1, HEAD_DIM ** -0.5)
+        q, k, v, grad_out, pattern = training_inputs(side, n_text, radius)
         fwd = torch.ops.fewstep.local_window_attention_triton
         bwd = torch.ops.fewstep.local_window_attention_triton_backward
         reference = None
@@ -71,9 +66,7 @@ def main():
                 row["kernel_ms"] = kernel_times(lambda: bwd(grad_out, q, k, v, None, None, out, lse, *pattern))
             rows.append(row)
             print(json.dumps(row), flush=True)
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "local_window_attention_variants.json"), "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
+        write_rows(args.out, "local_window_attention_variants.json", rows)
 
 
 if __name__ == "__main__":
