@@ -68,14 +68,10 @@ def image_tile(index, tiles_x, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 @triton.jit
 def image_mask(qy, qx, ky0, kx0, grid_h, grid_w, reach_y, reach_x, max_d2, KY: tl.constexpr, KX: tl.constexpr,
-               CIRCLE: tl.constexpr, GRID_TEST: tl.constexpr):
-    """[queries, keys] mask of the KY x KX key tile at (ky0, kx0): the pattern, and with GRID_TEST keys
-    inside the grid."""
+               CIRCLE: tl.constexpr):
+    """[queries, keys] mask of the KY x KX key tile at (ky0, kx0): the pattern, and keys inside the grid."""
     ky, kx = tile_positions(ky0, kx0, KY, KX)
-    mask = admitted(qy, qx, ky, kx, reach_y, reach_x, max_d2, CIRCLE)
-    if GRID_TEST:
-        mask = mask & ((ky < grid_h) & (kx < grid_w))[None, :]
-    return mask
+    return admitted(qy, qx, ky, kx, reach_y, reach_x, max_d2, CIRCLE) & ((ky < grid_h) & (kx < grid_w))[None, :]
 
 
 @triton.jit
@@ -141,13 +137,14 @@ def walk_start(fy0, fx0, grid_h, grid_w, reach_y, reach_x, max_d2, FY: tl.conste
 @triton.jit
 def load_key_tile(k_img, v_img, kv_bh, qy0, qy1, qx0, qx1, ky0, kx0, grid_h, grid_w, reach_y, reach_x, max_d2,
                   KY: tl.constexpr, KX: tl.constexpr, HEAD_DIM: tl.constexpr, CIRCLE: tl.constexpr):
-    """K and V of the KY x KX key tile at (ky0, kx0), whether every query of [qy0, qy1] x [qx0, qx1]
-    admits all of it, and whether it lies inside the grid."""
+    """K and V of the KY x KX key tile at (ky0, kx0), and whether the tile needs no element mask: it
+    lies inside the grid and every query of [qy0, qy1] x [qx0, qx1] admits all of it. (Keys outside
+    the grid load as zeros; their score 0 must not count, and in dQ their p = exp2(-lse) can
+    overflow where every score of a row is very negative, and inf * 0 would be NaN.)"""
     k = load_tile(k_img, kv_bh, ky0, kx0, KY, KX, HEAD_DIM)
     v = load_tile(v_img, kv_bh, ky0, kx0, KY, KX, HEAD_DIM)
-    admits_all = tile_inside(qy0, qy1, qx0, qx1, ky0, ky0 + KY - 1, kx0, kx0 + KX - 1, reach_y, reach_x, max_d2,
-                             CIRCLE)
-    return k, v, admits_all, (ky0 + KY <= grid_h) & (kx0 + KX <= grid_w)
+    inside = tile_inside(qy0, qy1, qx0, qx1, ky0, ky0 + KY - 1, kx0, kx0 + KX - 1, reach_y, reach_x, max_d2, CIRCLE)
+    return k, v, inside & (ky0 + KY <= grid_h) & (kx0 + KX <= grid_w)
 
 
 @triton.jit
@@ -248,12 +245,12 @@ def forward_kernel(q_txt, q_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, o_txt
         qy1, qx1, ky0, kx0, kx_end, n_key_tiles = walk_start(qy0, qx0, grid_h, grid_w, reach_y, reach_x, max_d2,
                                                              TY, TX, KY, KX, CIRCLE)
         for _ in range(n_key_tiles):
-            k, v, admits_all, in_grid = load_key_tile(k_img, v_img, kv_bh, qy0, qy1, qx0, qx1, ky0, kx0, grid_h,
-                                                      grid_w, reach_y, reach_x, max_d2, KY, KX, HEAD_DIM, CIRCLE)
+            k, v, full = load_key_tile(k_img, v_img, kv_bh, qy0, qy1, qx0, qx1, ky0, kx0, grid_h, grid_w, reach_y,
+                                       reach_x, max_d2, KY, KX, HEAD_DIM, CIRCLE)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            if not (admits_all & in_grid):  # the element mask only on tiles the pattern or the grid border cuts
-                s = tl.where(image_mask(qy, qx, ky0, kx0, grid_h, grid_w, reach_y, reach_x, max_d2, KY, KX, CIRCLE,
-                                        True), s, float("-inf"))
+            if not full:  # the element mask only on tiles the pattern or the grid border cuts
+                s = tl.where(image_mask(qy, qx, ky0, kx0, grid_h, grid_w, reach_y, reach_x, max_d2, KY, KX, CIRCLE),
+                             s, float("-inf"))
             acc, m_i, l_i = online_update(acc, m_i, l_i, s, v, qk_scale, PRECISION)
             ky0, kx0, kx_end = walk_next(ky0, kx0, kx_end, qy0, qy1, qx0, qx1, grid_h, grid_w, reach_x, max_d2,
                                          KY, KX, CIRCLE)
@@ -434,12 +431,12 @@ def q_grad_kernel(q_txt, do_txt, q_img, do_img, k_seq, v_seq, k_img, v_img, k_ex
         qy1, qx1, ky0, kx0, kx_end, n_key_tiles = walk_start(qy0, qx0, grid_h, grid_w, reach_y, reach_x, max_d2,
                                                              TY, TX, KY, KX, CIRCLE)
         for _ in range(n_key_tiles):
-            k, v, admits_all, _ = load_key_tile(k_img, v_img, kv_bh, qy0, qy1, qx0, qx1, ky0, kx0, grid_h, grid_w,
-                                                reach_y, reach_x, max_d2, KY, KX, HEAD_DIM, CIRCLE)
+            k, v, full = load_key_tile(k_img, v_img, kv_bh, qy0, qy1, qx0, qx1, ky0, kx0, grid_h, grid_w, reach_y,
+                                       reach_x, max_d2, KY, KX, HEAD_DIM, CIRCLE)
             p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None])
-            if not admits_all:  # keys outside the grid load as zero rows of K: their dS adds nothing to dS @ K
-                p = tl.where(image_mask(qy, qx, ky0, kx0, grid_h, grid_w, reach_y, reach_x, max_d2, KY, KX, CIRCLE,
-                                        False), p, 0.0)
+            if not full:
+                p = tl.where(image_mask(qy, qx, ky0, kx0, grid_h, grid_w, reach_y, reach_x, max_d2, KY, KX, CIRCLE),
+                             p, 0.0)
             dq = q_grad_update(dq, p, do, k, v, delta, PRECISION)
             ky0, kx0, kx_end = walk_next(ky0, kx0, kx_end, qy0, qy1, qx0, qx1, grid_h, grid_w, reach_x, max_d2,
                                          KY, KX, CIRCLE)
