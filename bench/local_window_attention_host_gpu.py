@@ -18,19 +18,18 @@ import io
 import json
 import os
 import pstats
-import time
-
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import gpu_median_ms, graph_replay_ms  # noqa: E402
+from local_window_attention_tiles_gpu import training_inputs  # noqa: E402
 
 import fewstep  # noqa: E402
 
-HEADS, HEAD_DIM, DTYPE = 24, 128, torch.bfloat16
 SIDE, N_TEXT, RADIUS = 64, 512, 8.0
 CALLS = 40
 STEP_SHAPES = [(64, 512, 16.0), (64, 512, 8.0), (128, 512, 16.0)]  # grid side, text tokens, radius
@@ -52,10 +51,8 @@ def host_us(fn) -> float:
 
 def step_times(side: int, n_text: int, radius: float) -> dict:
     """Forward + backward ms at one shape: eager events (public function, ops), graph replay, SDPA."""
-    n = n_text + side * side
-    q, k, v, grad_out = (torch.randn(1, HEADS, n, HEAD_DIM, device="cuda", dtype=DTYPE) for _ in range(4))
+    q, k, v, grad_out, pattern = training_inputs(side, n_text, radius)
     leaves = [t.requires_grad_() for t in (q, k, v)]
-    pattern = (side, side, n_text, radius, -1, -1, HEAD_DIM ** -0.5)
 
     def public():
         out = fewstep.local_window_attention(*leaves, grid=(side, side), n_text=n_text, radius=radius)
@@ -78,9 +75,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
-    n = N_TEXT + SIDE * SIDE
-    q, k, v, grad_out = (torch.randn(1, HEADS, n, HEAD_DIM, device="cuda", dtype=DTYPE) for _ in range(4))
-    pattern = (SIDE, SIDE, N_TEXT, RADIUS, -1, -1, HEAD_DIM ** -0.5)
+    q, k, v, grad_out, pattern = training_inputs(SIDE, N_TEXT, RADIUS)
     fwd = torch.ops.fewstep.local_window_attention_triton
     bwd = torch.ops.fewstep.local_window_attention_triton_backward
     out, lse = fwd(q, k, v, None, None, *pattern)

@@ -249,22 +249,11 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     return dq, dk, dv, dextra_k, dextra_v
 
 
-@torch.library.custom_op("fewstep::local_window_attention_triton", mutates_args=())
-def local_window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_k: Optional[torch.Tensor],
-                                  extra_v: Optional[torch.Tensor], grid_h: int, grid_w: int, n_text: int,
-                                  radius: float, window_h: int, window_w: int,
-                                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return forward(q, k, v, extra_k, extra_v, grid_h, grid_w, n_text, radius, window_h, window_w, scale)
-
-
-@torch.library.custom_op("fewstep::local_window_attention_triton_backward", mutates_args=())
-def local_window_attention_triton_backward(
-        grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_k: Optional[torch.Tensor],
-        extra_v: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, grid_h: int, grid_w: int,
-        n_text: int, radius: float, window_h: int, window_w: int, scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return backward(grad_out, q, k, v, extra_k, extra_v, out, lse, grid_h, grid_w, n_text, radius, window_h, window_w,
-                    scale)
+# The ops run the launchers above; their schemas come from the launchers' annotations.
+local_window_attention_triton = torch.library.custom_op("fewstep::local_window_attention_triton",
+                                                        mutates_args=())(forward)
+local_window_attention_triton_backward = torch.library.custom_op("fewstep::local_window_attention_triton_backward",
+                                                                 mutates_args=())(backward)
 
 
 def compiled_kernel_count() -> int:
