@@ -1,13 +1,15 @@
 """A/B timing of variants of the local-window attention kernel module on the GPU (bf16, B=1, 24
 heads, D=128; CLEAR's shapes): each variant is a copy of
 ``fewstep/triton/_local_window_attention_kernels.py`` with the same kernel signatures, run through
-the production launchers. Per variant and shape: device time of the forward op and of the backward
-op (CUDA-graph replay, so host overhead is left out), per-kernel profiler times, and the largest
-difference from the first variant's outputs and gradients. Variants are timed in turn, twice, in
-reverse order the second time, so clock drift does not favour one.
+the production launchers, or through a copy of the launcher module (``NAME=KERNELS:LAUNCHER``, for
+changes to both, e.g. the previous commit's pair from ``git show``). Per variant and shape: device
+time of the forward and of the backward launcher (CUDA-graph replay, so host overhead is left out),
+per-kernel profiler times, and the largest difference from the first variant's outputs and
+gradients. Variants are timed in turn, twice, in reverse order the second time, so clock drift does
+not favour one.
 
-Usage: ``python bench/local_window_attention_variants_gpu.py [--out DIR] NAME=PATH ...``; writes
-``DIR/local_window_attention_variants.json``."""
+Usage: ``python bench/local_window_attention_variants_gpu.py [--out DIR] NAME=KERNELS[:LAUNCHER] ...``;
+writes ``DIR/local_window_attention_variants.json``."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +17,7 @@ import importlib.util
 import json
 import os
 import sys
+import types
 
 import torch
 
@@ -27,12 +30,22 @@ from fewstep.triton import local_window_attention as lwa  # noqa: E402
 SHAPES = [(64, 512, 16.0), (64, 512, 8.0), (128, 512, 16.0)]  # grid side, text tokens, radius
 
 
-def load_variant(name: str, path: str):
-    spec = importlib.util.spec_from_file_location(f"lwa_variant_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def load_variant(name: str, spec: str):
+    """The launcher module of a variant, its ``_kernels`` returning the variant's kernels. A launcher
+    copy is executed without its op registrations (the ops exist once, in fewstep)."""
+    kernels_path, _, launcher_path = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location(f"lwa_variant_{name}", kernels_path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
     import triton
-    return triton, module.forward_kernel, module.delta_kernel, module.kv_grad_kernel, module.q_grad_kernel
+    kernels = (triton, module.forward_kernel, module.delta_kernel, module.kv_grad_kernel, module.q_grad_kernel)
+    launcher = lwa
+    if launcher_path:
+        source = open(launcher_path).read()
+        launcher = types.ModuleType(f"lwa_launcher_{name}")
+        exec(compile(source[:source.index("local_window_attention_triton = ")], launcher_path, "exec"),
+             launcher.__dict__)
+    return launcher, kernels
 
 
 def main():
@@ -44,12 +57,12 @@ def main():
     rows = []
     for side, n_text, radius in SHAPES:
         q, k, v, grad_out, pattern = training_inputs(side, n_text, radius)
-        fwd = torch.ops.fewstep.local_window_attention_triton
-        bwd = torch.ops.fewstep.local_window_attention_triton_backward
         reference = None
         order = list(variants) + list(reversed(variants))
         for run, name in enumerate(order):
-            lwa._kernels = lambda kernels=variants[name]: kernels
+            launcher, kernels = variants[name]
+            launcher._kernels = lambda kernels=kernels: kernels
+            fwd, bwd = launcher.forward, launcher.backward
             out, lse = fwd(q, k, v, None, None, *pattern)
             grads = bwd(grad_out, q, k, v, None, None, out, lse, *pattern)[:3]
             if reference is None:

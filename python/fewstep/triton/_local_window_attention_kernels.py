@@ -254,8 +254,9 @@ def forward_kernel(q_txt, q_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, o_txt
             acc, m_i, l_i = online_update(acc, m_i, l_i, s, v, qk_scale, PRECISION)
             ky0, kx0, kx_end = walk_next(ky0, kx0, kx_end, qy0, qy1, qx0, qx1, grid_h, grid_w, reach_x, max_d2,
                                          KY, KX, CIRCLE)
-        acc, m_i, l_i = attend_contiguous(acc, m_i, l_i, q, k_ext, v_ext, kv_bh, n_extra, qk_scale, BLOCK_N,
-                                          HEAD_DIM, PRECISION)
+        if k_ext is not None:  # extra tokens (None when there are none: one descriptor less to build per call)
+            acc, m_i, l_i = attend_contiguous(acc, m_i, l_i, q, k_ext, v_ext, kv_bh, n_extra, qk_scale, BLOCK_N,
+                                              HEAD_DIM, PRECISION)
         out = acc / l_i[:, None]
         o_img.store([bh, qy0, qx0, 0], out.to(q.dtype).reshape(1, TY, TX, HEAD_DIM))  # clipped at the grid
         rows = n_text + qy * grid_w + qx
@@ -309,7 +310,7 @@ def kv_grad_contiguous(dk, dv, k, v, q_seq, do_seq, Lse, Delta, bh, n_tokens, ro
 
 
 @jit
-def kv_grad_kernel(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_img, k_ext, v_ext, dk_txt, dv_txt,
+def kv_grad_kernel(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_tiles, v_tiles, k_ext, v_ext, dk_txt, dv_txt,
                    dk_img, dv_img, dk_ext, dv_ext, Lse, Delta, heads, group, n_tokens, n_text, grid_h, grid_w,
                    n_extra, tiles_x, n_text_blocks, n_image_tiles, n_extra_blocks, n_heads, reach_y, reach_x, max_d2,
                    qk_scale, scale, HEAD_DIM: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr, KY: tl.constexpr,
@@ -334,8 +335,10 @@ def kv_grad_kernel(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_img, k_e
         dv_txt.store([kv_bh, col0, 0], dv.to(k.dtype).reshape(1, BLOCK_N, HEAD_DIM))
     elif tile < n_text_blocks + n_image_tiles:
         ky0, kx0, ky, kx = image_tile(tile - n_text_blocks, tiles_x, KY, KX)
-        k = load_tile(k_img, kv_bh, ky0, kx0, KY, KX, HEAD_DIM)
-        v = load_tile(v_img, kv_bh, ky0, kx0, KY, KX, HEAD_DIM)
+        # from the tile-ordered copy: rows of a [1, BLOCK_N, D] block stay a shared-memory operand,
+        # where a [1, KY, KX, D] tile would be reshaped in registers (and spill dK and dV)
+        k = load_block(k_tiles, kv_bh, (tile - n_text_blocks) * BLOCK_N, BLOCK_N, HEAD_DIM)
+        v = load_block(v_tiles, kv_bh, (tile - n_text_blocks) * BLOCK_N, BLOCK_N, HEAD_DIM)
         ky1, kx1, qy_first, qx_first, qx_end_first, n_query_tiles = walk_start(
             ky0, kx0, grid_h, grid_w, reach_y, reach_x, max_d2, KY, KX, TY, TX, CIRCLE)
         for g in range(group):
@@ -360,7 +363,7 @@ def kv_grad_kernel(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_img, k_e
                                              TY, TX, CIRCLE)
         dk_img.store([kv_bh, ky0, kx0, 0], (dk * scale).to(k.dtype).reshape(1, KY, KX, HEAD_DIM))
         dv_img.store([kv_bh, ky0, kx0, 0], dv.to(k.dtype).reshape(1, KY, KX, HEAD_DIM))
-    else:  # extra keys: every image query admits them, text queries do not
+    elif k_ext is not None:  # extra keys: every image query admits them, text queries do not
         col0 = (tile - n_text_blocks - n_image_tiles) * BLOCK_N
         k = load_block(k_ext, kv_bh, col0, BLOCK_N, HEAD_DIM)
         v = load_block(v_ext, kv_bh, col0, BLOCK_N, HEAD_DIM)
@@ -440,6 +443,7 @@ def q_grad_kernel(q_txt, do_txt, q_img, do_img, k_seq, v_seq, k_img, v_img, k_ex
             dq = q_grad_update(dq, p, do, k, v, delta, PRECISION)
             ky0, kx0, kx_end = walk_next(ky0, kx0, kx_end, qy0, qy1, qx0, qx1, grid_h, grid_w, reach_x, max_d2,
                                          KY, KX, CIRCLE)
-        dq = q_grad_contiguous(dq, q, do, lse2, delta, k_ext, v_ext, kv_bh, n_extra, qk_scale, BLOCK_N, HEAD_DIM,
-                               PRECISION)
+        if k_ext is not None:
+            dq = q_grad_contiguous(dq, q, do, lse2, delta, k_ext, v_ext, kv_bh, n_extra, qk_scale, BLOCK_N, HEAD_DIM,
+                                   PRECISION)
         dq_img.store([bh, qy0, qx0, 0], (dq * scale).to(q.dtype).reshape(1, TY, TX, HEAD_DIM))  # clipped at the grid
