@@ -53,7 +53,7 @@ def compile_kernel(fn, dtype_name: str, tiles, constexprs: dict) -> str:
             signature[name] = "*fp32"
         elif name in ("qk_scale", "scale"):
             signature[name] = "fp32"
-        elif "_" in name and (name.split("_")[-1] in ("txt", "seq", "img", "ext") or name in ("k_tiles", "v_tiles")):
+        elif "_" in name and name.split("_")[-1] in ("txt", "seq", "img", "ext"):
             signature[name] = _descriptor_type(name, dtype_name, tiles, constexprs["HEAD_DIM"])
         else:
             signature[name] = "i32"

@@ -310,7 +310,7 @@ def kv_grad_contiguous(dk, dv, k, v, q_seq, do_seq, Lse, Delta, bh, n_tokens, ro
 
 
 @jit
-def kv_grad_kernel(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_tiles, v_tiles, k_ext, v_ext, dk_txt, dv_txt,
+def kv_grad_kernel(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_img, k_ext, v_ext, dk_txt, dv_txt,
                    dk_img, dv_img, dk_ext, dv_ext, Lse, Delta, heads, group, n_tokens, n_text, grid_h, grid_w,
                    n_extra, tiles_x, n_text_blocks, n_image_tiles, n_extra_blocks, n_heads, reach_y, reach_x, max_d2,
                    qk_scale, scale, HEAD_DIM: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr, KY: tl.constexpr,
@@ -335,10 +335,8 @@ def kv_grad_kernel(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_tiles, v_tiles,
         dv_txt.store([kv_bh, col0, 0], dv.to(k.dtype).reshape(1, BLOCK_N, HEAD_DIM))
     elif tile < n_text_blocks + n_image_tiles:
         ky0, kx0, ky, kx = image_tile(tile - n_text_blocks, tiles_x, KY, KX)
-        # from the tile-ordered copy: rows of a [1, BLOCK_N, D] block stay a shared-memory operand,
-        # where a [1, KY, KX, D] tile would be reshaped in registers (and spill dK and dV)
-        k = load_block(k_tiles, kv_bh, (tile - n_text_blocks) * BLOCK_N, BLOCK_N, HEAD_DIM)
-        v = load_block(v_tiles, kv_bh, (tile - n_text_blocks) * BLOCK_N, BLOCK_N, HEAD_DIM)
+        k = load_tile(k_img, kv_bh, ky0, kx0, KY, KX, HEAD_DIM)
+        v = load_tile(v_img, kv_bh, ky0, kx0, KY, KX, HEAD_DIM)
         ky1, kx1, qy_first, qx_first, qx_end_first, n_query_tiles = walk_start(
             ky0, kx0, grid_h, grid_w, reach_y, reach_x, max_d2, KY, KX, TY, TX, CIRCLE)
         for g in range(group):

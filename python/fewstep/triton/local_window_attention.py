@@ -10,8 +10,7 @@ visited as KY x KX key tiles in one flat, pipelined loop over the tiles the circ
 around the query tile reaches, row of tiles by row of tiles, and the element mask is applied only
 on tiles the pattern or the border cuts. Text queries are extra programs of the same launch.
 Backward: delta = rowsum(dO*O), then one kernel for dK/dV per key tile (over the query tiles that
-reach it, and over the heads of its GQA group; its key tile comes from a tile-ordered copy of the
-image keys and values, see ``_image_tiles``) and one for dQ per query tile: every gradient
+reach it, and over the heads of its GQA group) and one for dQ per query tile: every gradient
 element is written by one program, no atomics, so the backward is deterministic. Grid sizes,
 n_text, E and the radius are runtime scalars (not specialised), so a new resolution or radius
 does not recompile. Tile sizes are fixed per head dim and dtype, from an H200 sweep (no
@@ -137,21 +136,6 @@ def _image(t: torch.Tensor, n_text: int, grid_h: int, grid_w: int, rows: int, co
                             [n * head_dim, grid_w * head_dim, head_dim, 1], [1, rows, cols, head_dim])
 
 
-def _image_tiles(t: torch.Tensor, n_text: int, grid_h: int, grid_w: int, rows: int, cols: int) -> torch.Tensor:
-    """The image tokens of a contiguous [B, heads, N, D] tensor reordered tile by tile, as
-    [B, heads, n_tiles * rows * cols, D]: tile i of the rows x cols tiles (raster order) at rows
-    i * rows * cols onwards, its positions row by row; zeros where a border tile passes the grid.
-    The dK/dV kernel reads its fixed key tile from this copy as one [rows * cols, D] block, which
-    Triton keeps in shared memory (a 4-D tile is reshaped in registers there)."""
-    batch, heads, _, head_dim = t.shape
-    tiles_y, tiles_x = -(-grid_h // rows), -(-grid_w // cols)
-    image = t[:, :, n_text:].unflatten(2, (grid_h, grid_w))
-    if (tiles_y * rows, tiles_x * cols) != (grid_h, grid_w):
-        image = torch.nn.functional.pad(image, (0, 0, 0, tiles_x * cols - grid_w, 0, tiles_y * rows - grid_h))
-    return (image.reshape(batch, heads, tiles_y, rows, tiles_x, cols, head_dim).transpose(3, 4)
-            .reshape(batch, heads, tiles_y * tiles_x * rows * cols, head_dim))
-
-
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_k: Optional[torch.Tensor],
             extra_v: Optional[torch.Tensor], grid_h: int, grid_w: int, n_text: int, radius: float, window_h: int,
             window_w: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,8 +220,7 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         kv_grad_kernel[((n_text_key_blocks + n_image_key_tiles + n_extra_key_blocks) * batch * kv_heads,)](
             _sequence(q, n_tokens, block_m), _sequence(grad_out, n_tokens, block_m), _image(q, **query_tile),
             _image(grad_out, **query_tile), _sequence(k, n_text, block_n), _sequence(v, n_text, block_n),
-            *(_sequence(_image_tiles(t, **key_tile), n_image_key_tiles * block_n, block_n) for t in (k, v)),
-            extras[0], extras[1], _sequence(dk, n_text, block_n),
+            _image(k, **key_tile), _image(v, **key_tile), extras[0], extras[1], _sequence(dk, n_text, block_n),
             _sequence(dv, n_text, block_n), _image(dk, **key_tile), _image(dv, **key_tile), extras[2], extras[3],
             lse, delta, heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, key_tiles_x, n_text_key_blocks,
             n_image_key_tiles, n_extra_key_blocks, batch * kv_heads, pattern.reach_y, pattern.reach_x, pattern.max_d2,
