@@ -71,6 +71,7 @@ class Recorder:
         self.env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                     "triton": triton.__version__, "date": datetime.date.today().isoformat()}
         self.rows: list[dict] = []
+        self.on_add = None  # called after every row: run_gpu.py rewrites its files, so a run cut short keeps them
 
     def add(self, suite, case, provider, dtype, median_ms, metric_name="", metric_value=None):
         row = {"suite": suite, "case": case, "provider": provider, "dtype": str(dtype).replace("torch.", ""),
@@ -79,6 +80,8 @@ class Recorder:
         self.rows.append(row)
         print(f"{suite:14s} {case:34s} {provider:22s} {row['dtype']:9s} {median_ms:9.4f} ms  "
               f"{metric_name} {'' if metric_value is None else f'{metric_value:.3f}'}", flush=True)
+        if self.on_add is not None:
+            self.on_add()
 
     def write(self, json_path, md_path, ceilings: dict, notes: str = ""):
         with open(json_path, "w") as f:

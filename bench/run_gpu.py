@@ -55,9 +55,9 @@ def main():
     suffix = "-" + "-".join(args.only) if args.only else ""
     stem = os.path.join(args.out, f"{datetime.date.today().isoformat()}-{gpu}{suffix}")
     os.makedirs(args.out, exist_ok=True)
+    rec.on_add = lambda: write(rec, stem, ceilings)  # after every row: a run cut short keeps what it measured
     for name in args.only or SUITES:
         SUITES[name](rec, ceilings)
-        write(rec, stem, ceilings)  # after every suite: a run cut short keeps what it measured
 
 
 def write(rec, stem, ceilings):
