@@ -58,6 +58,7 @@ def main():
     rec.on_add = lambda: write(rec, stem, ceilings)  # after every row: a run cut short keeps what it measured
     for name in args.only or SUITES:
         SUITES[name](rec, ceilings)
+    print("wrote", stem + ".json", flush=True)
 
 
 def write(rec, stem, ceilings):
@@ -85,7 +86,6 @@ def write(rec, stem, ceilings):
                     "fewstep's kernels compute (whole tiles; 4·D forward, 8·D dK/dV, 6·D dQ); "
                     "'fewstep first call' is the wall time of the first call at a new resolution, with the "
                     "number of Triton kernels it compiled.")
-    print("wrote", stem + ".json", flush=True)
 
 
 if __name__ == "__main__":
