@@ -51,8 +51,6 @@ def compile_kernel(fn, dtype_name: str, tiles, constexprs: dict) -> str:
             signature[name] = "constexpr"
         elif name in ("Lse", "Delta"):
             signature[name] = "*fp32"
-        elif name in ("K", "V", "DK", "DV", "DK_ext", "DV_ext"):
-            signature[name] = f"*{dtype_name}"
         elif name in ("qk_scale", "scale"):
             signature[name] = "fp32"
         elif "_" in name and name.split("_")[-1] in ("txt", "seq", "img", "ext"):

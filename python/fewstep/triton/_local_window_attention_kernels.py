@@ -6,10 +6,7 @@ Every [rows, HEAD_DIM] operand block moves through a tensor descriptor (TMA on s
 tiles through 4-D descriptors [B*heads, grid_h, grid_w, D] with [1, TY, TX, D] blocks, text,
 whole-sequence and extra-token blocks through 3-D ones [B*heads, n, D]. Out-of-range rows load as
 zeros and are not stored, so border tiles need no pointer masks; only the softmax mask of keys
-outside the grid remains. One exception: the dK/dV kernel loads its fixed image key tile and stores
-its dK and dV through masked pointers. On sm_90a a reshaped [1, KY, KX, D] descriptor tile made the
-query loops spill dK/dV (675 SASS instructions per image-tile iteration, 197 of them spill traffic;
-479 and none with the pointer loads), and the launch builds six host-side descriptors fewer.
+outside the grid remains.
 """
 from __future__ import annotations
 
@@ -175,30 +172,6 @@ def kv_head(bh, heads, group):
 
 
 @triton.jit
-def image_rows(ys, xs, n_text, grid_h, grid_w):
-    """Sequence rows of the grid positions (ys, xs), and which of them lie inside the grid."""
-    return n_text + ys * grid_w + xs, (ys < grid_h) & (xs < grid_w)
-
-
-@triton.jit
-def row_offsets(bh, n_rows, rows, HEAD_DIM: tl.constexpr):
-    """Offsets [len(rows), HEAD_DIM] of ``rows`` of head ``bh`` in a contiguous [B*heads, n_rows, D] tensor."""
-    return (bh.to(tl.int64) * n_rows + rows)[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
-
-
-@triton.jit
-def load_rows(ptr, bh, n_rows, rows, ok, HEAD_DIM: tl.constexpr):
-    """``rows`` of head ``bh`` of a contiguous [B*heads, n_rows, D] tensor; zeros where not ``ok``."""
-    return tl.load(ptr + row_offsets(bh, n_rows, rows, HEAD_DIM), mask=ok[:, None], other=0.0)
-
-
-@triton.jit
-def store_rows(ptr, bh, n_rows, rows, ok, value, HEAD_DIM: tl.constexpr):
-    """Stores ``value`` into ``rows`` of head ``bh`` where ``ok``, in the tensor's dtype."""
-    tl.store(ptr + row_offsets(bh, n_rows, rows, HEAD_DIM), value.to(ptr.dtype.element_ty), mask=ok[:, None])
-
-
-@triton.jit
 def load_tile(desc, bh, y0, x0, ROWS: tl.constexpr, COLS: tl.constexpr, HEAD_DIM: tl.constexpr):
     """[ROWS*COLS, HEAD_DIM] image tile at grid position (y0, x0); zeros outside the grid."""
     return desc.load([bh, y0, x0, 0]).reshape(ROWS * COLS, HEAD_DIM)
@@ -337,8 +310,8 @@ def kv_grad_contiguous(dk, dv, k, v, q_seq, do_seq, Lse, Delta, bh, n_tokens, ro
 
 
 @jit
-def kv_grad_kernel(q_seq, do_seq, q_img, do_img, k_txt, v_txt, K, V, k_ext, v_ext, DK, DV, DK_ext, DV_ext, Lse,
-                   Delta, heads, group, n_tokens, n_text, grid_h, grid_w,
+def kv_grad_kernel(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_img, k_ext, v_ext, dk_txt, dv_txt,
+                   dk_img, dv_img, dk_ext, dv_ext, Lse, Delta, heads, group, n_tokens, n_text, grid_h, grid_w,
                    n_extra, tiles_x, n_text_blocks, n_image_tiles, n_extra_blocks, n_heads, reach_y, reach_x, max_d2,
                    qk_scale, scale, HEAD_DIM: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr, KY: tl.constexpr,
                    KX: tl.constexpr, CIRCLE: tl.constexpr, PRECISION: tl.constexpr):
@@ -351,25 +324,19 @@ def kv_grad_kernel(q_seq, do_seq, q_img, do_img, k_txt, v_txt, K, V, k_ext, v_ex
     first_bh = (kv_bh // kv_heads) * heads + (kv_bh % kv_heads) * group
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    offs_n = tl.arange(0, BLOCK_N)
     if tile < n_text_blocks:  # text keys: every query row admits them
         col0 = tile * BLOCK_N
-        # the long programs' fixed keys through descriptors: a shared-memory MMA operand, no spills
         k = load_block(k_txt, kv_bh, col0, BLOCK_N, HEAD_DIM)
         v = load_block(v_txt, kv_bh, col0, BLOCK_N, HEAD_DIM)
         for g in range(group):
             dk, dv = kv_grad_contiguous(dk, dv, k, v, q_seq, do_seq, Lse, Delta, first_bh + g, n_tokens, 0,
                                         n_tokens, qk_scale, BLOCK_M, HEAD_DIM, PRECISION)
-        cols = col0 + offs_n
-        store_rows(DK, kv_bh, n_tokens, cols, cols < n_text, dk * scale, HEAD_DIM)
-        store_rows(DV, kv_bh, n_tokens, cols, cols < n_text, dv, HEAD_DIM)
+        dk_txt.store([kv_bh, col0, 0], (dk * scale).to(k.dtype).reshape(1, BLOCK_N, HEAD_DIM))  # clipped at n_text
+        dv_txt.store([kv_bh, col0, 0], dv.to(k.dtype).reshape(1, BLOCK_N, HEAD_DIM))
     elif tile < n_text_blocks + n_image_tiles:
         ky0, kx0, ky, kx = image_tile(tile - n_text_blocks, tiles_x, KY, KX)
-        cols, col_ok = image_rows(ky, kx, n_text, grid_h, grid_w)
-        # pointer loads: the tile is an MMA operand in registers either way, and these leave the
-        # query loops without the spills a reshaped [1, KY, KX, D] descriptor tile caused (sm_90a)
-        k = load_rows(K, kv_bh, n_tokens, cols, col_ok, HEAD_DIM)
-        v = load_rows(V, kv_bh, n_tokens, cols, col_ok, HEAD_DIM)
+        k = load_tile(k_img, kv_bh, ky0, kx0, KY, KX, HEAD_DIM)
+        v = load_tile(v_img, kv_bh, ky0, kx0, KY, KX, HEAD_DIM)
         ky1, kx1, qy_first, qx_first, qx_end_first, n_query_tiles = walk_start(
             ky0, kx0, grid_h, grid_w, reach_y, reach_x, max_d2, KY, KX, TY, TX, CIRCLE)
         for g in range(group):
@@ -392,8 +359,8 @@ def kv_grad_kernel(q_seq, do_seq, q_img, do_img, k_txt, v_txt, K, V, k_ext, v_ex
                 dk, dv = kv_grad_update(dk, dv, p_t, v, q, do, delta, PRECISION)
                 qy0, qx0, qx_end = walk_next(qy0, qx0, qx_end, ky0, ky1, kx0, kx1, grid_h, grid_w, reach_x, max_d2,
                                              TY, TX, CIRCLE)
-        store_rows(DK, kv_bh, n_tokens, cols, col_ok, dk * scale, HEAD_DIM)
-        store_rows(DV, kv_bh, n_tokens, cols, col_ok, dv, HEAD_DIM)
+        dk_img.store([kv_bh, ky0, kx0, 0], (dk * scale).to(k.dtype).reshape(1, KY, KX, HEAD_DIM))
+        dv_img.store([kv_bh, ky0, kx0, 0], dv.to(k.dtype).reshape(1, KY, KX, HEAD_DIM))
     elif k_ext is not None:  # extra keys: every image query admits them, text queries do not
         col0 = (tile - n_text_blocks - n_image_tiles) * BLOCK_N
         k = load_block(k_ext, kv_bh, col0, BLOCK_N, HEAD_DIM)
@@ -401,9 +368,8 @@ def kv_grad_kernel(q_seq, do_seq, q_img, do_img, k_txt, v_txt, K, V, k_ext, v_ex
         for g in range(group):
             dk, dv = kv_grad_contiguous(dk, dv, k, v, q_seq, do_seq, Lse, Delta, first_bh + g, n_tokens, n_text,
                                         n_tokens, qk_scale, BLOCK_M, HEAD_DIM, PRECISION)
-        cols = col0 + offs_n
-        store_rows(DK_ext, kv_bh, n_extra, cols, cols < n_extra, dk * scale, HEAD_DIM)
-        store_rows(DV_ext, kv_bh, n_extra, cols, cols < n_extra, dv, HEAD_DIM)
+        dk_ext.store([kv_bh, col0, 0], (dk * scale).to(k.dtype).reshape(1, BLOCK_N, HEAD_DIM))
+        dv_ext.store([kv_bh, col0, 0], dv.to(k.dtype).reshape(1, BLOCK_N, HEAD_DIM))
 
 
 @triton.jit

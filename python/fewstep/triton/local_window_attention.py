@@ -166,8 +166,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_k: Optional
             _sequence(q, n_text, block_m), _image(q, n_text, grid_h, grid_w, tiles.ty, tiles.tx),
             _sequence(k, n_tokens, block_n), _sequence(v, n_tokens, block_n),
             _image(k, n_text, grid_h, grid_w, tiles.ky, tiles.kx),
-            _image(v, n_text, grid_h, grid_w, tiles.ky, tiles.kx), k_ext, v_ext, _sequence(out, n_text, block_m),
-            _image(out, n_text, grid_h, grid_w, tiles.ty, tiles.tx), lse,
+            _image(v, n_text, grid_h, grid_w, tiles.ky, tiles.kx),
+            k_ext, v_ext, _sequence(out, n_text, block_m), _image(out, n_text, grid_h, grid_w, tiles.ty, tiles.tx), lse,
             heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x, n_text_blocks, n_image_tiles,
             batch * heads, pattern.reach_y, pattern.reach_x, pattern.max_d2, scale * LOG2E,
             HEAD_DIM=head_dim, TY=tiles.ty, TX=tiles.tx, KY=tiles.ky, KX=tiles.kx, CIRCLE=pattern.circle,
@@ -202,7 +202,7 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         extra_k, extra_v = _tma_ready(extra_k), _tma_ready(extra_v)
         dextra_k, dextra_v = torch.empty_like(extra_k), torch.empty_like(extra_v)
         n_extra = extra_k.shape[2]
-        extras = [_sequence(extra_k, n_extra, block_n), _sequence(extra_v, n_extra, block_n), dextra_k, dextra_v]
+        extras = [_sequence(t, n_extra, block_n) for t in (extra_k, extra_v, dextra_k, dextra_v)]
     else:
         dextra_k = k.new_empty(batch, kv_heads, 0, head_dim)
         dextra_v = v.new_empty(batch, kv_heads, 0, head_dim)
@@ -219,10 +219,12 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         query_tile = dict(n_text=n_text, grid_h=grid_h, grid_w=grid_w, rows=tiles.ty, cols=tiles.tx)
         kv_grad_kernel[((n_text_key_blocks + n_image_key_tiles + n_extra_key_blocks) * batch * kv_heads,)](
             _sequence(q, n_tokens, block_m), _sequence(grad_out, n_tokens, block_m), _image(q, **query_tile),
-            _image(grad_out, **query_tile), _sequence(k, n_text, block_n), _sequence(v, n_text, block_n), k, v,
-            extras[0], extras[1], dk, dv, extras[2], extras[3], lse, delta, heads, group, n_tokens, n_text, grid_h,
-            grid_w, n_extra, key_tiles_x, n_text_key_blocks, n_image_key_tiles, n_extra_key_blocks, batch * kv_heads,
-            pattern.reach_y, pattern.reach_x, pattern.max_d2, scale * LOG2E, scale,
+            _image(grad_out, **query_tile), _sequence(k, n_text, block_n), _sequence(v, n_text, block_n),
+            _image(k, **key_tile), _image(v, **key_tile), extras[0], extras[1], _sequence(dk, n_text, block_n),
+            _sequence(dv, n_text, block_n), _image(dk, **key_tile), _image(dv, **key_tile), extras[2], extras[3],
+            lse, delta, heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, key_tiles_x, n_text_key_blocks,
+            n_image_key_tiles, n_extra_key_blocks, batch * kv_heads, pattern.reach_y, pattern.reach_x, pattern.max_d2,
+            scale * LOG2E, scale,
             HEAD_DIM=head_dim, TY=tiles.ty, TX=tiles.tx, KY=tiles.ky, KX=tiles.kx, CIRCLE=pattern.circle,
             PRECISION=precision, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
         block_m, block_n = q_tiles.ty * q_tiles.tx, q_tiles.ky * q_tiles.kx
@@ -237,9 +239,9 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
             _sequence(q, n_text, block_m), _sequence(grad_out, n_text, block_m), _image(q, **query_tile),
             _image(grad_out, **query_tile), _sequence(k, n_tokens, block_n), _sequence(v, n_tokens, block_n),
             _image(k, **key_tile), _image(v, **key_tile), k_ext, v_ext, _sequence(dq, n_text, block_m),
-            _image(dq, **query_tile), lse, delta, heads, group, n_tokens, n_text,
-            grid_h, grid_w, n_extra, q_tiles_x, n_text_query_blocks, n_image_query_tiles, batch * heads,
-            pattern.reach_y, pattern.reach_x, pattern.max_d2, scale * LOG2E, scale,
+            _image(dq, **query_tile), lse, delta, heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, q_tiles_x,
+            n_text_query_blocks, n_image_query_tiles, batch * heads, pattern.reach_y, pattern.reach_x, pattern.max_d2,
+            scale * LOG2E, scale,
             HEAD_DIM=head_dim, TY=q_tiles.ty, TX=q_tiles.tx, KY=q_tiles.ky, KX=q_tiles.kx, CIRCLE=pattern.circle,
             PRECISION=precision, num_warps=q_tiles.num_warps, num_stages=q_tiles.num_stages)
     return dq, dk, dv, dextra_k, dextra_v
