@@ -149,6 +149,9 @@ def _fake_backward_triton(grad_out, q, *args):
     return _fake_backward(grad_out, q, *args)
 
 
+_triton_eager_backward = _autograd_backward(_triton_lwa.backward)
+
+
 class _TritonEager(torch.autograd.Function):
     """The triton backend in eager mode: the same launchers as the ops, called without the custom
     op's Python dispatch (argument defaults, redispatch, aliasing checks, its autograd wrapper),
@@ -164,7 +167,7 @@ class _TritonEager(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable  # the backward kernels have no derivative
     def backward(ctx, grad_out, grad_lse):
-        return _autograd_backward(_triton_lwa.backward)(ctx, grad_out, grad_lse)
+        return _triton_eager_backward(ctx, grad_out, grad_lse)
 
 
 _triton_lwa.local_window_attention_triton.register_fake(_fake_forward_triton)

@@ -254,7 +254,7 @@ def forward_kernel(q_txt, q_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, o_txt
             acc, m_i, l_i = online_update(acc, m_i, l_i, s, v, qk_scale, PRECISION)
             ky0, kx0, kx_end = walk_next(ky0, kx0, kx_end, qy0, qy1, qx0, qx1, grid_h, grid_w, reach_x, max_d2,
                                          KY, KX, CIRCLE)
-        if k_ext is not None:  # extra tokens (None when there are none: one descriptor less to build per call)
+        if k_ext is not None:  # extra tokens (None when absent: no descriptors built for them)
             acc, m_i, l_i = attend_contiguous(acc, m_i, l_i, q, k_ext, v_ext, kv_bh, n_extra, qk_scale, BLOCK_N,
                                               HEAD_DIM, PRECISION)
         out = acc / l_i[:, None]
