@@ -172,6 +172,25 @@ def kv_head(bh, heads, group):
 
 
 @triton.jit
+def rows_desc(base, n_bh, n_tokens, rows, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Descriptor of rows 0..rows of a contiguous [B, heads, n_tokens, D] tensor at ``base`` as
+    [n_bh = B*heads, rows, D], read and written in [1, BLOCK, D] blocks (zeros past ``rows``,
+    stores clipped there)."""
+    return tl.make_tensor_descriptor(base, [n_bh, tl.maximum(rows, 1), HEAD_DIM],
+                                     [n_tokens.to(tl.int64) * HEAD_DIM, HEAD_DIM, 1], [1, BLOCK, HEAD_DIM])
+
+
+@triton.jit
+def image_desc(base, n_bh, n_tokens, n_text, grid_h, grid_w, ROWS: tl.constexpr, COLS: tl.constexpr,
+               HEAD_DIM: tl.constexpr):
+    """Descriptor of the image tokens of a contiguous [B, heads, n_tokens, D] tensor at ``base`` as
+    [n_bh, grid_h, grid_w, D], in [1, ROWS, COLS, D] tiles (zeros outside the grid, stores clipped)."""
+    return tl.make_tensor_descriptor(base + n_text * HEAD_DIM, [n_bh, grid_h, grid_w, HEAD_DIM],
+                                     [n_tokens.to(tl.int64) * HEAD_DIM, grid_w * HEAD_DIM, HEAD_DIM, 1],
+                                     [1, ROWS, COLS, HEAD_DIM])
+
+
+@triton.jit
 def load_tile(desc, bh, y0, x0, ROWS: tl.constexpr, COLS: tl.constexpr, HEAD_DIM: tl.constexpr):
     """[ROWS*COLS, HEAD_DIM] image tile at grid position (y0, x0); zeros outside the grid."""
     return desc.load([bh, y0, x0, 0]).reshape(ROWS * COLS, HEAD_DIM)
@@ -216,32 +235,38 @@ def attend_contiguous(acc, m_i, l_i, q, k_desc, v_desc, kv_bh, n_keys, qk_scale,
 
 
 @jit
-def forward_kernel(q_txt, q_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, o_txt, o_img, Lse, heads, group,
-                   n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x, n_text_blocks, n_image_tiles, n_heads,
-                   reach_y, reach_x, max_d2, qk_scale, HEAD_DIM: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr,
-                   KY: tl.constexpr, KX: tl.constexpr, CIRCLE: tl.constexpr, PRECISION: tl.constexpr):
+def forward_kernel(Q, K, V, K_ext, V_ext, Out, Lse, heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x,
+                   n_text_blocks, n_image_tiles, n_heads, reach_y, reach_x, max_d2, qk_scale, HEAD_DIM: tl.constexpr,
+                   TY: tl.constexpr, TX: tl.constexpr, KY: tl.constexpr, KX: tl.constexpr, CIRCLE: tl.constexpr,
+                   PRECISION: tl.constexpr):
     BLOCK_M: tl.constexpr = TY * TX
     BLOCK_N: tl.constexpr = KY * KX
     tile, bh = program_block(n_text_blocks, n_image_tiles, 0, n_heads)
     kv_bh = kv_head(bh, heads, group)
+    n_kv = n_heads // group
+    k_seq = rows_desc(K, n_kv, n_tokens, n_tokens, BLOCK_N, HEAD_DIM)
+    v_seq = rows_desc(V, n_kv, n_tokens, n_tokens, BLOCK_N, HEAD_DIM)
     offs_m = tl.arange(0, BLOCK_M)
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: a fully masked block gives p = 0, not NaN
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if tile < n_text_blocks:  # text queries see every key
         row0 = tile * BLOCK_M
-        q = load_block(q_txt, bh, row0, BLOCK_M, HEAD_DIM)
+        q = load_block(rows_desc(Q, n_heads, n_tokens, n_text, BLOCK_M, HEAD_DIM), bh, row0, BLOCK_M, HEAD_DIM)
         acc, m_i, l_i = attend_contiguous(acc, m_i, l_i, q, k_seq, v_seq, kv_bh, n_tokens, qk_scale, BLOCK_N,
                                           HEAD_DIM, PRECISION)
         out = acc / l_i[:, None]
-        o_txt.store([bh, row0, 0], out.to(q.dtype).reshape(1, BLOCK_M, HEAD_DIM))  # clipped at n_text
+        rows_desc(Out, n_heads, n_tokens, n_text, BLOCK_M, HEAD_DIM).store([bh, row0, 0], out.to(q.dtype).reshape(1, BLOCK_M, HEAD_DIM))  # clipped at n_text
         rows = row0 + offs_m
         row_ok = rows < n_text
     else:
         qy0, qx0, qy, qx = image_tile(tile - n_text_blocks, tiles_x, TY, TX)
-        q = load_tile(q_img, bh, qy0, qx0, TY, TX, HEAD_DIM)
+        q = load_tile(image_desc(Q, n_heads, n_tokens, n_text, grid_h, grid_w, TY, TX, HEAD_DIM), bh, qy0, qx0, TY,
+                      TX, HEAD_DIM)
         acc, m_i, l_i = attend_contiguous(acc, m_i, l_i, q, k_seq, v_seq, kv_bh, n_text, qk_scale, BLOCK_N,
                                           HEAD_DIM, PRECISION)
+        k_img = image_desc(K, n_kv, n_tokens, n_text, grid_h, grid_w, KY, KX, HEAD_DIM)
+        v_img = image_desc(V, n_kv, n_tokens, n_text, grid_h, grid_w, KY, KX, HEAD_DIM)
         qy1, qx1, ky0, kx0, kx_end, n_key_tiles = walk_start(qy0, qx0, grid_h, grid_w, reach_y, reach_x, max_d2,
                                                              TY, TX, KY, KX, CIRCLE)
         for _ in range(n_key_tiles):
@@ -254,26 +279,16 @@ def forward_kernel(q_txt, q_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, o_txt
             acc, m_i, l_i = online_update(acc, m_i, l_i, s, v, qk_scale, PRECISION)
             ky0, kx0, kx_end = walk_next(ky0, kx0, kx_end, qy0, qy1, qx0, qx1, grid_h, grid_w, reach_x, max_d2,
                                          KY, KX, CIRCLE)
-        if k_ext is not None:  # extra tokens (None when absent: no descriptors built for them)
-            acc, m_i, l_i = attend_contiguous(acc, m_i, l_i, q, k_ext, v_ext, kv_bh, n_extra, qk_scale, BLOCK_N,
-                                              HEAD_DIM, PRECISION)
+        if K_ext is not None:  # extra tokens (None when absent: compiled out)
+            acc, m_i, l_i = attend_contiguous(acc, m_i, l_i, q, rows_desc(K_ext, n_kv, n_extra, n_extra, BLOCK_N, HEAD_DIM),
+                                              rows_desc(V_ext, n_kv, n_extra, n_extra, BLOCK_N, HEAD_DIM), kv_bh,
+                                              n_extra, qk_scale, BLOCK_N, HEAD_DIM, PRECISION)
         out = acc / l_i[:, None]
-        o_img.store([bh, qy0, qx0, 0], out.to(q.dtype).reshape(1, TY, TX, HEAD_DIM))  # clipped at the grid
+        image_desc(Out, n_heads, n_tokens, n_text, grid_h, grid_w, TY, TX, HEAD_DIM).store([bh, qy0, qx0, 0], out.to(q.dtype).reshape(1, TY, TX, HEAD_DIM))  # clipped at the grid
         rows = n_text + qy * grid_w + qx
         row_ok = (qy < grid_h) & (qx < grid_w)
     lse = (m_i + tl.log2(l_i)) / LN2_INV  # natural log
     tl.store(Lse + bh.to(tl.int64) * n_tokens + rows, lse, mask=row_ok)
-
-
-@jit
-def delta_kernel(O, dO, Delta, n_rows, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
-    """delta = rowsum(dO * O) in fp32, over the flattened [B*heads*N] rows."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = rows < n_rows
-    ptrs = rows[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
-    o = tl.load(O + ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
-    do = tl.load(dO + ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
-    tl.store(Delta + rows, tl.sum(o * do, 1), mask=ok)
 
 
 @triton.jit
@@ -286,11 +301,16 @@ def kv_grad_update(dk, dv, p_t, v, q, do, delta, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def row_lse2(Lse, bh, n_tokens, rows, row_ok):
+    """Base-2 lse of rows (+inf outside the sequence or grid, so that p = 0 there)."""
+    return tl.load(Lse + bh.to(tl.int64) * n_tokens + rows, mask=row_ok, other=float("inf")) * LN2_INV
+
+
+@triton.jit
 def row_stats(Lse, Delta, bh, n_tokens, rows, row_ok):
     """Base-2 lse (+inf on rows outside the sequence, so that p = 0 there) and delta of rows."""
-    offset = bh.to(tl.int64) * n_tokens
-    lse2 = tl.load(Lse + offset + rows, mask=row_ok, other=float("inf")) * LN2_INV
-    return lse2, tl.load(Delta + offset + rows, mask=row_ok, other=0.0)
+    delta = tl.load(Delta + bh.to(tl.int64) * n_tokens + rows, mask=row_ok, other=0.0)
+    return row_lse2(Lse, bh, n_tokens, rows, row_ok), delta
 
 
 @triton.jit
@@ -310,11 +330,10 @@ def kv_grad_contiguous(dk, dv, k, v, q_seq, do_seq, Lse, Delta, bh, n_tokens, ro
 
 
 @jit
-def kv_grad_kernel(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_img, k_ext, v_ext, dk_txt, dv_txt,
-                   dk_img, dv_img, dk_ext, dv_ext, Lse, Delta, heads, group, n_tokens, n_text, grid_h, grid_w,
-                   n_extra, tiles_x, n_text_blocks, n_image_tiles, n_extra_blocks, n_heads, reach_y, reach_x, max_d2,
-                   qk_scale, scale, HEAD_DIM: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr, KY: tl.constexpr,
-                   KX: tl.constexpr, CIRCLE: tl.constexpr, PRECISION: tl.constexpr):
+def kv_grad_kernel(Q, dO, K, V, K_ext, V_ext, dK, dV, dK_ext, dV_ext, Lse, Delta, heads, group, n_tokens, n_text,
+                   grid_h, grid_w, n_extra, tiles_x, n_text_blocks, n_image_tiles, n_extra_blocks, n_heads, reach_y,
+                   reach_x, max_d2, qk_scale, scale, HEAD_DIM: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr,
+                   KY: tl.constexpr, KX: tl.constexpr, CIRCLE: tl.constexpr, PRECISION: tl.constexpr):
     """One program per key block and (batch, kv head): text key blocks, 2-D image key tiles and
     extra key blocks; sums over the query heads of the kv head's group."""
     BLOCK_M: tl.constexpr = TY * TX
@@ -322,21 +341,30 @@ def kv_grad_kernel(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_img, k_e
     tile, kv_bh = program_block(n_text_blocks, n_image_tiles, n_extra_blocks, n_heads)
     kv_heads = heads // group
     first_bh = (kv_bh // kv_heads) * heads + (kv_bh % kv_heads) * group
+    n_q = n_heads * group  # B*heads
+    q_seq = rows_desc(Q, n_q, n_tokens, n_tokens, BLOCK_M, HEAD_DIM)
+    do_seq = rows_desc(dO, n_q, n_tokens, n_tokens, BLOCK_M, HEAD_DIM)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     if tile < n_text_blocks:  # text keys: every query row admits them
         col0 = tile * BLOCK_N
-        k = load_block(k_txt, kv_bh, col0, BLOCK_N, HEAD_DIM)
-        v = load_block(v_txt, kv_bh, col0, BLOCK_N, HEAD_DIM)
+        k = load_block(rows_desc(K, n_heads, n_tokens, n_text, BLOCK_N, HEAD_DIM), kv_bh, col0, BLOCK_N, HEAD_DIM)
+        v = load_block(rows_desc(V, n_heads, n_tokens, n_text, BLOCK_N, HEAD_DIM), kv_bh, col0, BLOCK_N, HEAD_DIM)
         for g in range(group):
             dk, dv = kv_grad_contiguous(dk, dv, k, v, q_seq, do_seq, Lse, Delta, first_bh + g, n_tokens, 0,
                                         n_tokens, qk_scale, BLOCK_M, HEAD_DIM, PRECISION)
-        dk_txt.store([kv_bh, col0, 0], (dk * scale).to(k.dtype).reshape(1, BLOCK_N, HEAD_DIM))  # clipped at n_text
-        dv_txt.store([kv_bh, col0, 0], dv.to(k.dtype).reshape(1, BLOCK_N, HEAD_DIM))
+        rows_desc(dK, n_heads, n_tokens, n_text, BLOCK_N, HEAD_DIM).store(  # clipped at n_text
+            [kv_bh, col0, 0], (dk * scale).to(k.dtype).reshape(1, BLOCK_N, HEAD_DIM))
+        rows_desc(dV, n_heads, n_tokens, n_text, BLOCK_N, HEAD_DIM).store(
+            [kv_bh, col0, 0], dv.to(k.dtype).reshape(1, BLOCK_N, HEAD_DIM))
     elif tile < n_text_blocks + n_image_tiles:
         ky0, kx0, ky, kx = image_tile(tile - n_text_blocks, tiles_x, KY, KX)
-        k = load_tile(k_img, kv_bh, ky0, kx0, KY, KX, HEAD_DIM)
-        v = load_tile(v_img, kv_bh, ky0, kx0, KY, KX, HEAD_DIM)
+        k = load_tile(image_desc(K, n_heads, n_tokens, n_text, grid_h, grid_w, KY, KX, HEAD_DIM), kv_bh, ky0, kx0,
+                      KY, KX, HEAD_DIM)
+        v = load_tile(image_desc(V, n_heads, n_tokens, n_text, grid_h, grid_w, KY, KX, HEAD_DIM), kv_bh, ky0, kx0,
+                      KY, KX, HEAD_DIM)
+        q_img = image_desc(Q, n_q, n_tokens, n_text, grid_h, grid_w, TY, TX, HEAD_DIM)
+        do_img = image_desc(dO, n_q, n_tokens, n_text, grid_h, grid_w, TY, TX, HEAD_DIM)
         ky1, kx1, qy_first, qx_first, qx_end_first, n_query_tiles = walk_start(
             ky0, kx0, grid_h, grid_w, reach_y, reach_x, max_d2, KY, KX, TY, TX, CIRCLE)
         for g in range(group):
@@ -359,17 +387,21 @@ def kv_grad_kernel(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_img, k_e
                 dk, dv = kv_grad_update(dk, dv, p_t, v, q, do, delta, PRECISION)
                 qy0, qx0, qx_end = walk_next(qy0, qx0, qx_end, ky0, ky1, kx0, kx1, grid_h, grid_w, reach_x, max_d2,
                                              TY, TX, CIRCLE)
-        dk_img.store([kv_bh, ky0, kx0, 0], (dk * scale).to(k.dtype).reshape(1, KY, KX, HEAD_DIM))
-        dv_img.store([kv_bh, ky0, kx0, 0], dv.to(k.dtype).reshape(1, KY, KX, HEAD_DIM))
-    elif k_ext is not None:  # extra keys: every image query admits them, text queries do not
+        image_desc(dK, n_heads, n_tokens, n_text, grid_h, grid_w, KY, KX, HEAD_DIM).store(
+            [kv_bh, ky0, kx0, 0], (dk * scale).to(k.dtype).reshape(1, KY, KX, HEAD_DIM))
+        image_desc(dV, n_heads, n_tokens, n_text, grid_h, grid_w, KY, KX, HEAD_DIM).store(
+            [kv_bh, ky0, kx0, 0], dv.to(k.dtype).reshape(1, KY, KX, HEAD_DIM))
+    elif K_ext is not None:  # extra keys: every image query admits them, text queries do not
         col0 = (tile - n_text_blocks - n_image_tiles) * BLOCK_N
-        k = load_block(k_ext, kv_bh, col0, BLOCK_N, HEAD_DIM)
-        v = load_block(v_ext, kv_bh, col0, BLOCK_N, HEAD_DIM)
+        k = load_block(rows_desc(K_ext, n_heads, n_extra, n_extra, BLOCK_N, HEAD_DIM), kv_bh, col0, BLOCK_N, HEAD_DIM)
+        v = load_block(rows_desc(V_ext, n_heads, n_extra, n_extra, BLOCK_N, HEAD_DIM), kv_bh, col0, BLOCK_N, HEAD_DIM)
         for g in range(group):
             dk, dv = kv_grad_contiguous(dk, dv, k, v, q_seq, do_seq, Lse, Delta, first_bh + g, n_tokens, n_text,
                                         n_tokens, qk_scale, BLOCK_M, HEAD_DIM, PRECISION)
-        dk_ext.store([kv_bh, col0, 0], (dk * scale).to(k.dtype).reshape(1, BLOCK_N, HEAD_DIM))
-        dv_ext.store([kv_bh, col0, 0], dv.to(k.dtype).reshape(1, BLOCK_N, HEAD_DIM))
+        rows_desc(dK_ext, n_heads, n_extra, n_extra, BLOCK_N, HEAD_DIM).store(
+            [kv_bh, col0, 0], (dk * scale).to(k.dtype).reshape(1, BLOCK_N, HEAD_DIM))
+        rows_desc(dV_ext, n_heads, n_extra, n_extra, BLOCK_N, HEAD_DIM).store(
+            [kv_bh, col0, 0], dv.to(k.dtype).reshape(1, BLOCK_N, HEAD_DIM))
 
 
 @triton.jit
@@ -400,35 +432,58 @@ def q_grad_contiguous(dq, q, do, lse2, delta, k_desc, v_desc, kv_bh, n_keys, qk_
     return dq
 
 
+@triton.jit
+def row_deltas(Delta, o, do, bh, n_tokens, rows, row_ok):
+    """delta = rowsum(dO * O) in fp32 of a query block, stored for the dK/dV kernel (which runs after
+    this one); rows outside the sequence or grid load as zeros and are not stored."""
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + bh.to(tl.int64) * n_tokens + rows, delta, mask=row_ok)
+    return delta
+
+
 @jit
-def q_grad_kernel(q_txt, do_txt, q_img, do_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, dq_txt, dq_img, Lse, Delta,
-                  heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x, n_text_blocks, n_image_tiles,
-                  n_heads, reach_y, reach_x, max_d2, qk_scale, scale, HEAD_DIM: tl.constexpr, TY: tl.constexpr,
-                  TX: tl.constexpr, KY: tl.constexpr, KX: tl.constexpr, CIRCLE: tl.constexpr,
-                  PRECISION: tl.constexpr):
-    """One program per query tile (as the forward) and (batch, head)."""
+def q_grad_kernel(Q, dO, Out, K, V, K_ext, V_ext, dQ, Lse, Delta, heads, group, n_tokens, n_text, grid_h, grid_w,
+                  n_extra, tiles_x, n_text_blocks, n_image_tiles, n_heads, reach_y, reach_x, max_d2, qk_scale, scale,
+                  HEAD_DIM: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr, KY: tl.constexpr, KX: tl.constexpr,
+                  CIRCLE: tl.constexpr, PRECISION: tl.constexpr):
+    """One program per query tile (as the forward) and (batch, head); also writes delta of its rows."""
     BLOCK_M: tl.constexpr = TY * TX
     BLOCK_N: tl.constexpr = KY * KX
     tile, bh = program_block(n_text_blocks, n_image_tiles, 0, n_heads)
     kv_bh = kv_head(bh, heads, group)
-    offs_m = tl.arange(0, BLOCK_M)
+    n_kv = n_heads // group
+    k_seq = rows_desc(K, n_kv, n_tokens, n_tokens, BLOCK_N, HEAD_DIM)
+    v_seq = rows_desc(V, n_kv, n_tokens, n_tokens, BLOCK_N, HEAD_DIM)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if tile < n_text_blocks:
         row0 = tile * BLOCK_M
-        rows = row0 + offs_m
-        lse2, delta = row_stats(Lse, Delta, bh, n_tokens, rows, rows < n_text)
-        q = load_block(q_txt, bh, row0, BLOCK_M, HEAD_DIM)
-        do = load_block(do_txt, bh, row0, BLOCK_M, HEAD_DIM)
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < n_text
+        q = load_block(rows_desc(Q, n_heads, n_tokens, n_text, BLOCK_M, HEAD_DIM), bh, row0, BLOCK_M, HEAD_DIM)
+        do = load_block(rows_desc(dO, n_heads, n_tokens, n_text, BLOCK_M, HEAD_DIM), bh, row0, BLOCK_M, HEAD_DIM)
+        o = load_block(rows_desc(Out, n_heads, n_tokens, n_text, BLOCK_M, HEAD_DIM), bh, row0, BLOCK_M, HEAD_DIM)
+        delta = row_deltas(Delta, o, do, bh, n_tokens, rows, row_ok)
+        lse2 = row_lse2(Lse, bh, n_tokens, rows, row_ok)
         dq = q_grad_contiguous(dq, q, do, lse2, delta, k_seq, v_seq, kv_bh, n_tokens, qk_scale, BLOCK_N, HEAD_DIM,
                                PRECISION)
-        dq_txt.store([bh, row0, 0], (dq * scale).to(q.dtype).reshape(1, BLOCK_M, HEAD_DIM))  # clipped at n_text
+        rows_desc(dQ, n_heads, n_tokens, n_text, BLOCK_M, HEAD_DIM).store(  # clipped at n_text
+            [bh, row0, 0], (dq * scale).to(q.dtype).reshape(1, BLOCK_M, HEAD_DIM))
     else:
         qy0, qx0, qy, qx = image_tile(tile - n_text_blocks, tiles_x, TY, TX)
-        lse2, delta = row_stats(Lse, Delta, bh, n_tokens, n_text + qy * grid_w + qx, (qy < grid_h) & (qx < grid_w))
-        q = load_tile(q_img, bh, qy0, qx0, TY, TX, HEAD_DIM)
-        do = load_tile(do_img, bh, qy0, qx0, TY, TX, HEAD_DIM)
+        rows = n_text + qy * grid_w + qx
+        row_ok = (qy < grid_h) & (qx < grid_w)
+        q = load_tile(image_desc(Q, n_heads, n_tokens, n_text, grid_h, grid_w, TY, TX, HEAD_DIM), bh, qy0, qx0, TY,
+                      TX, HEAD_DIM)
+        do = load_tile(image_desc(dO, n_heads, n_tokens, n_text, grid_h, grid_w, TY, TX, HEAD_DIM), bh, qy0, qx0,
+                       TY, TX, HEAD_DIM)
+        o = load_tile(image_desc(Out, n_heads, n_tokens, n_text, grid_h, grid_w, TY, TX, HEAD_DIM), bh, qy0, qx0,
+                      TY, TX, HEAD_DIM)
+        delta = row_deltas(Delta, o, do, bh, n_tokens, rows, row_ok)
+        lse2 = row_lse2(Lse, bh, n_tokens, rows, row_ok)
         dq = q_grad_contiguous(dq, q, do, lse2, delta, k_seq, v_seq, kv_bh, n_text, qk_scale, BLOCK_N, HEAD_DIM,
                                PRECISION)
+        k_img = image_desc(K, n_kv, n_tokens, n_text, grid_h, grid_w, KY, KX, HEAD_DIM)
+        v_img = image_desc(V, n_kv, n_tokens, n_text, grid_h, grid_w, KY, KX, HEAD_DIM)
         qy1, qx1, ky0, kx0, kx_end, n_key_tiles = walk_start(qy0, qx0, grid_h, grid_w, reach_y, reach_x, max_d2,
                                                              TY, TX, KY, KX, CIRCLE)
         for _ in range(n_key_tiles):
@@ -441,7 +496,9 @@ def q_grad_kernel(q_txt, do_txt, q_img, do_img, k_seq, v_seq, k_img, v_img, k_ex
             dq = q_grad_update(dq, p, do, k, v, delta, PRECISION)
             ky0, kx0, kx_end = walk_next(ky0, kx0, kx_end, qy0, qy1, qx0, qx1, grid_h, grid_w, reach_x, max_d2,
                                          KY, KX, CIRCLE)
-        if k_ext is not None:
-            dq = q_grad_contiguous(dq, q, do, lse2, delta, k_ext, v_ext, kv_bh, n_extra, qk_scale, BLOCK_N, HEAD_DIM,
-                                   PRECISION)
-        dq_img.store([bh, qy0, qx0, 0], (dq * scale).to(q.dtype).reshape(1, TY, TX, HEAD_DIM))  # clipped at the grid
+        if K_ext is not None:
+            dq = q_grad_contiguous(dq, q, do, lse2, delta, rows_desc(K_ext, n_kv, n_extra, n_extra, BLOCK_N, HEAD_DIM),
+                                   rows_desc(V_ext, n_kv, n_extra, n_extra, BLOCK_N, HEAD_DIM), kv_bh, n_extra,
+                                   qk_scale, BLOCK_N, HEAD_DIM, PRECISION)
+        image_desc(dQ, n_heads, n_tokens, n_text, grid_h, grid_w, TY, TX, HEAD_DIM).store(  # clipped at the grid
+            [bh, qy0, qx0, 0], (dq * scale).to(q.dtype).reshape(1, TY, TX, HEAD_DIM))
