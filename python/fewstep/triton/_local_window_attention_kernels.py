@@ -148,15 +148,14 @@ def load_key_tile(k_img, v_img, kv_bh, qy0, qy1, qx0, qx1, ky0, kx0, grid_h, gri
 
 
 @triton.jit
-def program_block(n_first_long, n_image, n_last_long, n_heads):
-    """(block index, batch*heads index) of this program in a 1-D launch of ``n_heads`` x blocks.
+def program_block(pid, n_first_long, n_image, n_last_long, n_heads):
+    """(block index, batch*heads index) of work item ``pid`` of ``n_heads`` x blocks.
 
     Per head the blocks are ``n_first_long`` text blocks, ``n_image`` image tiles and ``n_last_long``
     extra blocks, indexed in that order. The long blocks (text and extra tokens see, or are seen by,
     every token) of all heads are launched first, then each head's image tiles in grid order: with
     the head as the slow index, the text blocks of the last heads would start last and run alone
     at the end, while image tiles launched together share their neighbourhood's keys in L2."""
-    pid = tl.program_id(0)
     n_long = (n_first_long + n_last_long) * n_heads
     long_block = pid // n_heads
     image_pid = tl.maximum(pid - n_long, 0)
@@ -235,38 +234,67 @@ def attend_contiguous(acc, m_i, l_i, q, k_desc, v_desc, kv_bh, n_keys, qk_scale,
 
 
 @jit
-def forward_kernel(Q, K, V, K_ext, V_ext, Out, Lse, heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x,
-                   n_text_blocks, n_image_tiles, n_heads, reach_y, reach_x, max_d2, qk_scale, HEAD_DIM: tl.constexpr,
-                   TY: tl.constexpr, TX: tl.constexpr, KY: tl.constexpr, KX: tl.constexpr, CIRCLE: tl.constexpr,
-                   PRECISION: tl.constexpr):
+def forward_kernel(Q, K, V, K_ext, V_ext, Out, Lse, Next, heads, group, n_tokens, n_text, grid_h, grid_w, n_extra,
+                   tiles_x, n_text_blocks, n_image_tiles, n_heads, reach_y, reach_x, max_d2, qk_scale,
+                   HEAD_DIM: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr, KY: tl.constexpr, KX: tl.constexpr,
+                   CIRCLE: tl.constexpr, PRECISION: tl.constexpr):
+    """Persistent: builds its descriptors once, then takes query blocks (text blocks first, then image
+    tiles, each over n_heads = B*heads) until none is left; ``Next`` (zero at launch) counts the blocks
+    taken after the first one of every program."""
     BLOCK_M: tl.constexpr = TY * TX
     BLOCK_N: tl.constexpr = KY * KX
-    tile, bh = program_block(n_text_blocks, n_image_tiles, 0, n_heads)
-    kv_bh = kv_head(bh, heads, group)
     n_kv = n_heads // group
+    if K_ext is not None:
+        k_ext = rows_desc(K_ext, n_kv, n_extra, n_extra, BLOCK_N, HEAD_DIM)
+        v_ext = rows_desc(V_ext, n_kv, n_extra, n_extra, BLOCK_N, HEAD_DIM)
+    else:  # compiled out
+        k_ext = None
+        v_ext = None
+    q_txt = rows_desc(Q, n_heads, n_tokens, n_text, BLOCK_M, HEAD_DIM)
+    q_img = image_desc(Q, n_heads, n_tokens, n_text, grid_h, grid_w, TY, TX, HEAD_DIM)
     k_seq = rows_desc(K, n_kv, n_tokens, n_tokens, BLOCK_N, HEAD_DIM)
     v_seq = rows_desc(V, n_kv, n_tokens, n_tokens, BLOCK_N, HEAD_DIM)
+    k_img = image_desc(K, n_kv, n_tokens, n_text, grid_h, grid_w, KY, KX, HEAD_DIM)
+    v_img = image_desc(V, n_kv, n_tokens, n_text, grid_h, grid_w, KY, KX, HEAD_DIM)
+    o_txt = rows_desc(Out, n_heads, n_tokens, n_text, BLOCK_M, HEAD_DIM)
+    o_img = image_desc(Out, n_heads, n_tokens, n_text, grid_h, grid_w, TY, TX, HEAD_DIM)
+    work = tl.program_id(0)
+    while work < (n_text_blocks + n_image_tiles) * n_heads:
+        forward_block(work, q_txt, q_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, o_txt, o_img, Lse, heads, group,
+                      n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x, n_text_blocks, n_image_tiles, n_heads,
+                      reach_y, reach_x, max_d2, qk_scale, HEAD_DIM, TY, TX, KY, KX, CIRCLE, PRECISION)
+        work = tl.num_programs(0) + tl.atomic_add(Next, 1)
+
+
+@triton.jit
+def forward_block(work, q_txt, q_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, o_txt, o_img, Lse, heads, group,
+                  n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x, n_text_blocks, n_image_tiles, n_heads,
+                  reach_y, reach_x, max_d2, qk_scale, HEAD_DIM: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr,
+                  KY: tl.constexpr, KX: tl.constexpr, CIRCLE: tl.constexpr, PRECISION: tl.constexpr):
+    """Query block ``work``: text block (every key) or image tile (text keys, the circle's key tiles,
+    extra keys); writes its output rows and lse."""
+    BLOCK_M: tl.constexpr = TY * TX
+    BLOCK_N: tl.constexpr = KY * KX
+    tile, bh = program_block(work, n_text_blocks, n_image_tiles, 0, n_heads)
+    kv_bh = kv_head(bh, heads, group)
     offs_m = tl.arange(0, BLOCK_M)
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: a fully masked block gives p = 0, not NaN
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if tile < n_text_blocks:  # text queries see every key
         row0 = tile * BLOCK_M
-        q = load_block(rows_desc(Q, n_heads, n_tokens, n_text, BLOCK_M, HEAD_DIM), bh, row0, BLOCK_M, HEAD_DIM)
+        q = load_block(q_txt, bh, row0, BLOCK_M, HEAD_DIM)
         acc, m_i, l_i = attend_contiguous(acc, m_i, l_i, q, k_seq, v_seq, kv_bh, n_tokens, qk_scale, BLOCK_N,
                                           HEAD_DIM, PRECISION)
         out = acc / l_i[:, None]
-        rows_desc(Out, n_heads, n_tokens, n_text, BLOCK_M, HEAD_DIM).store([bh, row0, 0], out.to(q.dtype).reshape(1, BLOCK_M, HEAD_DIM))  # clipped at n_text
+        o_txt.store([bh, row0, 0], out.to(q.dtype).reshape(1, BLOCK_M, HEAD_DIM))  # clipped at n_text
         rows = row0 + offs_m
         row_ok = rows < n_text
     else:
         qy0, qx0, qy, qx = image_tile(tile - n_text_blocks, tiles_x, TY, TX)
-        q = load_tile(image_desc(Q, n_heads, n_tokens, n_text, grid_h, grid_w, TY, TX, HEAD_DIM), bh, qy0, qx0, TY,
-                      TX, HEAD_DIM)
+        q = load_tile(q_img, bh, qy0, qx0, TY, TX, HEAD_DIM)
         acc, m_i, l_i = attend_contiguous(acc, m_i, l_i, q, k_seq, v_seq, kv_bh, n_text, qk_scale, BLOCK_N,
                                           HEAD_DIM, PRECISION)
-        k_img = image_desc(K, n_kv, n_tokens, n_text, grid_h, grid_w, KY, KX, HEAD_DIM)
-        v_img = image_desc(V, n_kv, n_tokens, n_text, grid_h, grid_w, KY, KX, HEAD_DIM)
         qy1, qx1, ky0, kx0, kx_end, n_key_tiles = walk_start(qy0, qx0, grid_h, grid_w, reach_y, reach_x, max_d2,
                                                              TY, TX, KY, KX, CIRCLE)
         for _ in range(n_key_tiles):
@@ -279,12 +307,11 @@ def forward_kernel(Q, K, V, K_ext, V_ext, Out, Lse, heads, group, n_tokens, n_te
             acc, m_i, l_i = online_update(acc, m_i, l_i, s, v, qk_scale, PRECISION)
             ky0, kx0, kx_end = walk_next(ky0, kx0, kx_end, qy0, qy1, qx0, qx1, grid_h, grid_w, reach_x, max_d2,
                                          KY, KX, CIRCLE)
-        if K_ext is not None:  # extra tokens (None when absent: compiled out)
-            acc, m_i, l_i = attend_contiguous(acc, m_i, l_i, q, rows_desc(K_ext, n_kv, n_extra, n_extra, BLOCK_N, HEAD_DIM),
-                                              rows_desc(V_ext, n_kv, n_extra, n_extra, BLOCK_N, HEAD_DIM), kv_bh,
-                                              n_extra, qk_scale, BLOCK_N, HEAD_DIM, PRECISION)
+        if k_ext is not None:  # extra tokens (None when absent: no descriptors built for them)
+            acc, m_i, l_i = attend_contiguous(acc, m_i, l_i, q, k_ext, v_ext, kv_bh, n_extra, qk_scale, BLOCK_N,
+                                              HEAD_DIM, PRECISION)
         out = acc / l_i[:, None]
-        image_desc(Out, n_heads, n_tokens, n_text, grid_h, grid_w, TY, TX, HEAD_DIM).store([bh, qy0, qx0, 0], out.to(q.dtype).reshape(1, TY, TX, HEAD_DIM))  # clipped at the grid
+        o_img.store([bh, qy0, qx0, 0], out.to(q.dtype).reshape(1, TY, TX, HEAD_DIM))  # clipped at the grid
         rows = n_text + qy * grid_w + qx
         row_ok = (qy < grid_h) & (qx < grid_w)
     lse = (m_i + tl.log2(l_i)) / LN2_INV  # natural log
@@ -330,41 +357,74 @@ def kv_grad_contiguous(dk, dv, k, v, q_seq, do_seq, Lse, Delta, bh, n_tokens, ro
 
 
 @jit
-def kv_grad_kernel(Q, dO, K, V, K_ext, V_ext, dK, dV, dK_ext, dV_ext, Lse, Delta, heads, group, n_tokens, n_text,
-                   grid_h, grid_w, n_extra, tiles_x, n_text_blocks, n_image_tiles, n_extra_blocks, n_heads, reach_y,
-                   reach_x, max_d2, qk_scale, scale, HEAD_DIM: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr,
-                   KY: tl.constexpr, KX: tl.constexpr, CIRCLE: tl.constexpr, PRECISION: tl.constexpr):
-    """One program per key block and (batch, kv head): text key blocks, 2-D image key tiles and
-    extra key blocks; sums over the query heads of the kv head's group."""
+def kv_grad_kernel(Q, dO, K, V, K_ext, V_ext, dK, dV, dK_ext, dV_ext, Lse, Delta, Next, heads, group, n_tokens,
+                   n_text, grid_h, grid_w, n_extra, tiles_x, n_text_blocks, n_image_tiles, n_extra_blocks, n_heads,
+                   reach_y, reach_x, max_d2, qk_scale, scale, HEAD_DIM: tl.constexpr, TY: tl.constexpr,
+                   TX: tl.constexpr, KY: tl.constexpr, KX: tl.constexpr, CIRCLE: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """Persistent (as the forward) over key blocks and n_heads = B*kv_heads: text key blocks, 2-D image
+    key tiles and extra key blocks."""
     BLOCK_M: tl.constexpr = TY * TX
     BLOCK_N: tl.constexpr = KY * KX
-    tile, kv_bh = program_block(n_text_blocks, n_image_tiles, n_extra_blocks, n_heads)
-    kv_heads = heads // group
-    first_bh = (kv_bh // kv_heads) * heads + (kv_bh % kv_heads) * group
     n_q = n_heads * group  # B*heads
+    if K_ext is not None:
+        k_ext = rows_desc(K_ext, n_heads, n_extra, n_extra, BLOCK_N, HEAD_DIM)
+        v_ext = rows_desc(V_ext, n_heads, n_extra, n_extra, BLOCK_N, HEAD_DIM)
+        dk_ext = rows_desc(dK_ext, n_heads, n_extra, n_extra, BLOCK_N, HEAD_DIM)
+        dv_ext = rows_desc(dV_ext, n_heads, n_extra, n_extra, BLOCK_N, HEAD_DIM)
+    else:  # compiled out
+        k_ext = None
+        v_ext = None
+        dk_ext = None
+        dv_ext = None
     q_seq = rows_desc(Q, n_q, n_tokens, n_tokens, BLOCK_M, HEAD_DIM)
     do_seq = rows_desc(dO, n_q, n_tokens, n_tokens, BLOCK_M, HEAD_DIM)
+    q_img = image_desc(Q, n_q, n_tokens, n_text, grid_h, grid_w, TY, TX, HEAD_DIM)
+    do_img = image_desc(dO, n_q, n_tokens, n_text, grid_h, grid_w, TY, TX, HEAD_DIM)
+    k_txt = rows_desc(K, n_heads, n_tokens, n_text, BLOCK_N, HEAD_DIM)
+    v_txt = rows_desc(V, n_heads, n_tokens, n_text, BLOCK_N, HEAD_DIM)
+    k_img = image_desc(K, n_heads, n_tokens, n_text, grid_h, grid_w, KY, KX, HEAD_DIM)
+    v_img = image_desc(V, n_heads, n_tokens, n_text, grid_h, grid_w, KY, KX, HEAD_DIM)
+    dk_txt = rows_desc(dK, n_heads, n_tokens, n_text, BLOCK_N, HEAD_DIM)
+    dv_txt = rows_desc(dV, n_heads, n_tokens, n_text, BLOCK_N, HEAD_DIM)
+    dk_img = image_desc(dK, n_heads, n_tokens, n_text, grid_h, grid_w, KY, KX, HEAD_DIM)
+    dv_img = image_desc(dV, n_heads, n_tokens, n_text, grid_h, grid_w, KY, KX, HEAD_DIM)
+    work = tl.program_id(0)
+    while work < (n_text_blocks + n_image_tiles + n_extra_blocks) * n_heads:
+        kv_grad_block(work, q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_img, k_ext, v_ext, dk_txt, dv_txt,
+                      dk_img, dv_img, dk_ext, dv_ext, Lse, Delta, heads, group, n_tokens, n_text, grid_h, grid_w,
+                      n_extra, tiles_x, n_text_blocks, n_image_tiles, n_extra_blocks, n_heads, reach_y, reach_x,
+                      max_d2, qk_scale, scale, HEAD_DIM, TY, TX, KY, KX, CIRCLE, PRECISION)
+        work = tl.num_programs(0) + tl.atomic_add(Next, 1)
+
+
+@triton.jit
+def kv_grad_block(work, q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_img, k_ext, v_ext, dk_txt, dv_txt,
+                  dk_img, dv_img, dk_ext, dv_ext, Lse, Delta, heads, group, n_tokens, n_text, grid_h, grid_w,
+                  n_extra, tiles_x, n_text_blocks, n_image_tiles, n_extra_blocks, n_heads, reach_y, reach_x, max_d2,
+                  qk_scale, scale, HEAD_DIM: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr, KY: tl.constexpr,
+                  KX: tl.constexpr, CIRCLE: tl.constexpr, PRECISION: tl.constexpr):
+    """dK and dV of key block ``work``, summed over the query heads of its kv head's group."""
+    BLOCK_M: tl.constexpr = TY * TX
+    BLOCK_N: tl.constexpr = KY * KX
+    tile, kv_bh = program_block(work, n_text_blocks, n_image_tiles, n_extra_blocks, n_heads)
+    kv_heads = heads // group
+    first_bh = (kv_bh // kv_heads) * heads + (kv_bh % kv_heads) * group
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     if tile < n_text_blocks:  # text keys: every query row admits them
         col0 = tile * BLOCK_N
-        k = load_block(rows_desc(K, n_heads, n_tokens, n_text, BLOCK_N, HEAD_DIM), kv_bh, col0, BLOCK_N, HEAD_DIM)
-        v = load_block(rows_desc(V, n_heads, n_tokens, n_text, BLOCK_N, HEAD_DIM), kv_bh, col0, BLOCK_N, HEAD_DIM)
+        k = load_block(k_txt, kv_bh, col0, BLOCK_N, HEAD_DIM)
+        v = load_block(v_txt, kv_bh, col0, BLOCK_N, HEAD_DIM)
         for g in range(group):
             dk, dv = kv_grad_contiguous(dk, dv, k, v, q_seq, do_seq, Lse, Delta, first_bh + g, n_tokens, 0,
                                         n_tokens, qk_scale, BLOCK_M, HEAD_DIM, PRECISION)
-        rows_desc(dK, n_heads, n_tokens, n_text, BLOCK_N, HEAD_DIM).store(  # clipped at n_text
-            [kv_bh, col0, 0], (dk * scale).to(k.dtype).reshape(1, BLOCK_N, HEAD_DIM))
-        rows_desc(dV, n_heads, n_tokens, n_text, BLOCK_N, HEAD_DIM).store(
-            [kv_bh, col0, 0], dv.to(k.dtype).reshape(1, BLOCK_N, HEAD_DIM))
+        dk_txt.store([kv_bh, col0, 0], (dk * scale).to(k.dtype).reshape(1, BLOCK_N, HEAD_DIM))  # clipped at n_text
+        dv_txt.store([kv_bh, col0, 0], dv.to(k.dtype).reshape(1, BLOCK_N, HEAD_DIM))
     elif tile < n_text_blocks + n_image_tiles:
         ky0, kx0, ky, kx = image_tile(tile - n_text_blocks, tiles_x, KY, KX)
-        k = load_tile(image_desc(K, n_heads, n_tokens, n_text, grid_h, grid_w, KY, KX, HEAD_DIM), kv_bh, ky0, kx0,
-                      KY, KX, HEAD_DIM)
-        v = load_tile(image_desc(V, n_heads, n_tokens, n_text, grid_h, grid_w, KY, KX, HEAD_DIM), kv_bh, ky0, kx0,
-                      KY, KX, HEAD_DIM)
-        q_img = image_desc(Q, n_q, n_tokens, n_text, grid_h, grid_w, TY, TX, HEAD_DIM)
-        do_img = image_desc(dO, n_q, n_tokens, n_text, grid_h, grid_w, TY, TX, HEAD_DIM)
+        k = load_tile(k_img, kv_bh, ky0, kx0, KY, KX, HEAD_DIM)
+        v = load_tile(v_img, kv_bh, ky0, kx0, KY, KX, HEAD_DIM)
         ky1, kx1, qy_first, qx_first, qx_end_first, n_query_tiles = walk_start(
             ky0, kx0, grid_h, grid_w, reach_y, reach_x, max_d2, KY, KX, TY, TX, CIRCLE)
         for g in range(group):
@@ -387,21 +447,17 @@ def kv_grad_kernel(Q, dO, K, V, K_ext, V_ext, dK, dV, dK_ext, dV_ext, Lse, Delta
                 dk, dv = kv_grad_update(dk, dv, p_t, v, q, do, delta, PRECISION)
                 qy0, qx0, qx_end = walk_next(qy0, qx0, qx_end, ky0, ky1, kx0, kx1, grid_h, grid_w, reach_x, max_d2,
                                              TY, TX, CIRCLE)
-        image_desc(dK, n_heads, n_tokens, n_text, grid_h, grid_w, KY, KX, HEAD_DIM).store(
-            [kv_bh, ky0, kx0, 0], (dk * scale).to(k.dtype).reshape(1, KY, KX, HEAD_DIM))
-        image_desc(dV, n_heads, n_tokens, n_text, grid_h, grid_w, KY, KX, HEAD_DIM).store(
-            [kv_bh, ky0, kx0, 0], dv.to(k.dtype).reshape(1, KY, KX, HEAD_DIM))
-    elif K_ext is not None:  # extra keys: every image query admits them, text queries do not
+        dk_img.store([kv_bh, ky0, kx0, 0], (dk * scale).to(k.dtype).reshape(1, KY, KX, HEAD_DIM))
+        dv_img.store([kv_bh, ky0, kx0, 0], dv.to(k.dtype).reshape(1, KY, KX, HEAD_DIM))
+    elif k_ext is not None:  # extra keys: every image query admits them, text queries do not
         col0 = (tile - n_text_blocks - n_image_tiles) * BLOCK_N
-        k = load_block(rows_desc(K_ext, n_heads, n_extra, n_extra, BLOCK_N, HEAD_DIM), kv_bh, col0, BLOCK_N, HEAD_DIM)
-        v = load_block(rows_desc(V_ext, n_heads, n_extra, n_extra, BLOCK_N, HEAD_DIM), kv_bh, col0, BLOCK_N, HEAD_DIM)
+        k = load_block(k_ext, kv_bh, col0, BLOCK_N, HEAD_DIM)
+        v = load_block(v_ext, kv_bh, col0, BLOCK_N, HEAD_DIM)
         for g in range(group):
             dk, dv = kv_grad_contiguous(dk, dv, k, v, q_seq, do_seq, Lse, Delta, first_bh + g, n_tokens, n_text,
                                         n_tokens, qk_scale, BLOCK_M, HEAD_DIM, PRECISION)
-        rows_desc(dK_ext, n_heads, n_extra, n_extra, BLOCK_N, HEAD_DIM).store(
-            [kv_bh, col0, 0], (dk * scale).to(k.dtype).reshape(1, BLOCK_N, HEAD_DIM))
-        rows_desc(dV_ext, n_heads, n_extra, n_extra, BLOCK_N, HEAD_DIM).store(
-            [kv_bh, col0, 0], dv.to(k.dtype).reshape(1, BLOCK_N, HEAD_DIM))
+        dk_ext.store([kv_bh, col0, 0], (dk * scale).to(k.dtype).reshape(1, BLOCK_N, HEAD_DIM))
+        dv_ext.store([kv_bh, col0, 0], dv.to(k.dtype).reshape(1, BLOCK_N, HEAD_DIM))
 
 
 @triton.jit
@@ -442,48 +498,74 @@ def row_deltas(Delta, o, do, bh, n_tokens, rows, row_ok):
 
 
 @jit
-def q_grad_kernel(Q, dO, Out, K, V, K_ext, V_ext, dQ, Lse, Delta, heads, group, n_tokens, n_text, grid_h, grid_w,
-                  n_extra, tiles_x, n_text_blocks, n_image_tiles, n_heads, reach_y, reach_x, max_d2, qk_scale, scale,
-                  HEAD_DIM: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr, KY: tl.constexpr, KX: tl.constexpr,
-                  CIRCLE: tl.constexpr, PRECISION: tl.constexpr):
-    """One program per query tile (as the forward) and (batch, head); also writes delta of its rows."""
+def q_grad_kernel(Q, dO, Out, K, V, K_ext, V_ext, dQ, Lse, Delta, Next, heads, group, n_tokens, n_text, grid_h,
+                  grid_w, n_extra, tiles_x, n_text_blocks, n_image_tiles, n_heads, reach_y, reach_x, max_d2,
+                  qk_scale, scale, HEAD_DIM: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr, KY: tl.constexpr,
+                  KX: tl.constexpr, CIRCLE: tl.constexpr, PRECISION: tl.constexpr):
+    """Persistent (as the forward) over the forward's query blocks; also writes delta of their rows."""
     BLOCK_M: tl.constexpr = TY * TX
     BLOCK_N: tl.constexpr = KY * KX
-    tile, bh = program_block(n_text_blocks, n_image_tiles, 0, n_heads)
-    kv_bh = kv_head(bh, heads, group)
     n_kv = n_heads // group
+    if K_ext is not None:
+        k_ext = rows_desc(K_ext, n_kv, n_extra, n_extra, BLOCK_N, HEAD_DIM)
+        v_ext = rows_desc(V_ext, n_kv, n_extra, n_extra, BLOCK_N, HEAD_DIM)
+    else:  # compiled out
+        k_ext = None
+        v_ext = None
+    q_txt = rows_desc(Q, n_heads, n_tokens, n_text, BLOCK_M, HEAD_DIM)
+    do_txt = rows_desc(dO, n_heads, n_tokens, n_text, BLOCK_M, HEAD_DIM)
+    o_txt = rows_desc(Out, n_heads, n_tokens, n_text, BLOCK_M, HEAD_DIM)
+    q_img = image_desc(Q, n_heads, n_tokens, n_text, grid_h, grid_w, TY, TX, HEAD_DIM)
+    do_img = image_desc(dO, n_heads, n_tokens, n_text, grid_h, grid_w, TY, TX, HEAD_DIM)
+    o_img = image_desc(Out, n_heads, n_tokens, n_text, grid_h, grid_w, TY, TX, HEAD_DIM)
     k_seq = rows_desc(K, n_kv, n_tokens, n_tokens, BLOCK_N, HEAD_DIM)
     v_seq = rows_desc(V, n_kv, n_tokens, n_tokens, BLOCK_N, HEAD_DIM)
+    k_img = image_desc(K, n_kv, n_tokens, n_text, grid_h, grid_w, KY, KX, HEAD_DIM)
+    v_img = image_desc(V, n_kv, n_tokens, n_text, grid_h, grid_w, KY, KX, HEAD_DIM)
+    dq_txt = rows_desc(dQ, n_heads, n_tokens, n_text, BLOCK_M, HEAD_DIM)
+    dq_img = image_desc(dQ, n_heads, n_tokens, n_text, grid_h, grid_w, TY, TX, HEAD_DIM)
+    work = tl.program_id(0)
+    while work < (n_text_blocks + n_image_tiles) * n_heads:
+        q_grad_block(work, q_txt, do_txt, o_txt, q_img, do_img, o_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext,
+                     dq_txt, dq_img, Lse, Delta, heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x,
+                     n_text_blocks, n_image_tiles, n_heads, reach_y, reach_x, max_d2, qk_scale, scale, HEAD_DIM, TY,
+                     TX, KY, KX, CIRCLE, PRECISION)
+        work = tl.num_programs(0) + tl.atomic_add(Next, 1)
+
+
+@triton.jit
+def q_grad_block(work, q_txt, do_txt, o_txt, q_img, do_img, o_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, dq_txt,
+                 dq_img, Lse, Delta, heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x, n_text_blocks,
+                 n_image_tiles, n_heads, reach_y, reach_x, max_d2, qk_scale, scale, HEAD_DIM: tl.constexpr,
+                 TY: tl.constexpr, TX: tl.constexpr, KY: tl.constexpr, KX: tl.constexpr, CIRCLE: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """dQ (and delta) of query block ``work``: text block or image tile, over the forward's keys."""
+    BLOCK_M: tl.constexpr = TY * TX
+    BLOCK_N: tl.constexpr = KY * KX
+    tile, bh = program_block(work, n_text_blocks, n_image_tiles, 0, n_heads)
+    kv_bh = kv_head(bh, heads, group)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if tile < n_text_blocks:
         row0 = tile * BLOCK_M
         rows = row0 + tl.arange(0, BLOCK_M)
         row_ok = rows < n_text
-        q = load_block(rows_desc(Q, n_heads, n_tokens, n_text, BLOCK_M, HEAD_DIM), bh, row0, BLOCK_M, HEAD_DIM)
-        do = load_block(rows_desc(dO, n_heads, n_tokens, n_text, BLOCK_M, HEAD_DIM), bh, row0, BLOCK_M, HEAD_DIM)
-        o = load_block(rows_desc(Out, n_heads, n_tokens, n_text, BLOCK_M, HEAD_DIM), bh, row0, BLOCK_M, HEAD_DIM)
-        delta = row_deltas(Delta, o, do, bh, n_tokens, rows, row_ok)
+        q = load_block(q_txt, bh, row0, BLOCK_M, HEAD_DIM)
+        do = load_block(do_txt, bh, row0, BLOCK_M, HEAD_DIM)
+        delta = row_deltas(Delta, load_block(o_txt, bh, row0, BLOCK_M, HEAD_DIM), do, bh, n_tokens, rows, row_ok)
         lse2 = row_lse2(Lse, bh, n_tokens, rows, row_ok)
         dq = q_grad_contiguous(dq, q, do, lse2, delta, k_seq, v_seq, kv_bh, n_tokens, qk_scale, BLOCK_N, HEAD_DIM,
                                PRECISION)
-        rows_desc(dQ, n_heads, n_tokens, n_text, BLOCK_M, HEAD_DIM).store(  # clipped at n_text
-            [bh, row0, 0], (dq * scale).to(q.dtype).reshape(1, BLOCK_M, HEAD_DIM))
+        dq_txt.store([bh, row0, 0], (dq * scale).to(q.dtype).reshape(1, BLOCK_M, HEAD_DIM))  # clipped at n_text
     else:
         qy0, qx0, qy, qx = image_tile(tile - n_text_blocks, tiles_x, TY, TX)
         rows = n_text + qy * grid_w + qx
         row_ok = (qy < grid_h) & (qx < grid_w)
-        q = load_tile(image_desc(Q, n_heads, n_tokens, n_text, grid_h, grid_w, TY, TX, HEAD_DIM), bh, qy0, qx0, TY,
-                      TX, HEAD_DIM)
-        do = load_tile(image_desc(dO, n_heads, n_tokens, n_text, grid_h, grid_w, TY, TX, HEAD_DIM), bh, qy0, qx0,
-                       TY, TX, HEAD_DIM)
-        o = load_tile(image_desc(Out, n_heads, n_tokens, n_text, grid_h, grid_w, TY, TX, HEAD_DIM), bh, qy0, qx0,
-                      TY, TX, HEAD_DIM)
-        delta = row_deltas(Delta, o, do, bh, n_tokens, rows, row_ok)
+        q = load_tile(q_img, bh, qy0, qx0, TY, TX, HEAD_DIM)
+        do = load_tile(do_img, bh, qy0, qx0, TY, TX, HEAD_DIM)
+        delta = row_deltas(Delta, load_tile(o_img, bh, qy0, qx0, TY, TX, HEAD_DIM), do, bh, n_tokens, rows, row_ok)
         lse2 = row_lse2(Lse, bh, n_tokens, rows, row_ok)
         dq = q_grad_contiguous(dq, q, do, lse2, delta, k_seq, v_seq, kv_bh, n_text, qk_scale, BLOCK_N, HEAD_DIM,
                                PRECISION)
-        k_img = image_desc(K, n_kv, n_tokens, n_text, grid_h, grid_w, KY, KX, HEAD_DIM)
-        v_img = image_desc(V, n_kv, n_tokens, n_text, grid_h, grid_w, KY, KX, HEAD_DIM)
         qy1, qx1, ky0, kx0, kx_end, n_key_tiles = walk_start(qy0, qx0, grid_h, grid_w, reach_y, reach_x, max_d2,
                                                              TY, TX, KY, KX, CIRCLE)
         for _ in range(n_key_tiles):
@@ -496,9 +578,7 @@ def q_grad_kernel(Q, dO, Out, K, V, K_ext, V_ext, dQ, Lse, Delta, heads, group, 
             dq = q_grad_update(dq, p, do, k, v, delta, PRECISION)
             ky0, kx0, kx_end = walk_next(ky0, kx0, kx_end, qy0, qy1, qx0, qx1, grid_h, grid_w, reach_x, max_d2,
                                          KY, KX, CIRCLE)
-        if K_ext is not None:
-            dq = q_grad_contiguous(dq, q, do, lse2, delta, rows_desc(K_ext, n_kv, n_extra, n_extra, BLOCK_N, HEAD_DIM),
-                                   rows_desc(V_ext, n_kv, n_extra, n_extra, BLOCK_N, HEAD_DIM), kv_bh, n_extra,
-                                   qk_scale, BLOCK_N, HEAD_DIM, PRECISION)
-        image_desc(dQ, n_heads, n_tokens, n_text, grid_h, grid_w, TY, TX, HEAD_DIM).store(  # clipped at the grid
-            [bh, qy0, qx0, 0], (dq * scale).to(q.dtype).reshape(1, TY, TX, HEAD_DIM))
+        if k_ext is not None:
+            dq = q_grad_contiguous(dq, q, do, lse2, delta, k_ext, v_ext, kv_bh, n_extra, qk_scale, BLOCK_N, HEAD_DIM,
+                                   PRECISION)
+        dq_img.store([bh, qy0, qx0, 0], (dq * scale).to(q.dtype).reshape(1, TY, TX, HEAD_DIM))  # clipped at the grid

@@ -124,6 +124,22 @@ def _scratch(size: int, alignment: int, stream: Optional[int]) -> torch.Tensor:
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
+PROGRAMS_PER_SM = 2  # the kernels' occupancy at their tiles (4 warps, ~255 registers, 2-3 TMA stages)
+INTERPRETED_PROGRAMS = 3  # under the interpreter: few programs, so that each loops over several blocks
+
+
+def _persistent_grid(t: torch.Tensor, n_blocks: int) -> tuple[int]:
+    """Programs of a persistent launch over ``n_blocks`` work items: as many as run at once."""
+    if not t.is_cuda:
+        return (min(n_blocks, INTERPRETED_PROGRAMS),)
+    return (min(n_blocks, PROGRAMS_PER_SM * _sm_count(t.device.index or 0)),)
+
+
+@functools.cache
+def _sm_count(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 @contextlib.contextmanager
 def _launching(t: torch.Tensor):
     """The device of ``t`` current, and ``_scratch`` as Triton's allocator for these launches only
@@ -159,9 +175,10 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_k: Optional
     tiles_x = triton.cdiv(grid_w, tiles.tx)
     n_text_blocks = triton.cdiv(n_text, tiles.ty * tiles.tx)
     n_image_tiles = triton.cdiv(grid_h, tiles.ty) * tiles_x
+    next_block = torch.zeros(1, dtype=torch.int32, device=q.device)  # the persistent programs' work counter
     with _launching(q):
-        forward_kernel[((n_text_blocks + n_image_tiles) * batch * heads,)](
-            q, k, v, extra_k, extra_v, out, lse, heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x,
+        forward_kernel[_persistent_grid(q, (n_text_blocks + n_image_tiles) * batch * heads)](
+            q, k, v, extra_k, extra_v, out, lse, next_block, heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x,
             n_text_blocks, n_image_tiles, batch * heads, pattern.reach_y, pattern.reach_x, pattern.max_d2,
             scale * LOG2E, HEAD_DIM=head_dim, TY=tiles.ty, TX=tiles.tx, KY=tiles.ky, KX=tiles.kx,
             CIRCLE=pattern.circle, PRECISION=_precision(q.dtype), num_warps=tiles.num_warps,
@@ -201,12 +218,13 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     pattern_args = dict(reach_y=pattern.reach_y, reach_x=pattern.reach_x, max_d2=pattern.max_d2,
                         qk_scale=scale * LOG2E, scale=scale, HEAD_DIM=head_dim, CIRCLE=pattern.circle,
                         PRECISION=precision)
+    next_block = torch.zeros(2, dtype=torch.int32, device=q.device)  # the persistent programs' work counters
     with _launching(q):
         tiles_x = triton.cdiv(grid_w, q_tiles.tx)
         n_text_blocks = triton.cdiv(n_text, q_tiles.ty * q_tiles.tx)
         n_image_tiles = triton.cdiv(grid_h, q_tiles.ty) * tiles_x
-        q_grad_kernel[((n_text_blocks + n_image_tiles) * batch * heads,)](
-            q, grad_out, out, k, v, extra_k, extra_v, dq, lse, delta, **shape, tiles_x=tiles_x,
+        q_grad_kernel[_persistent_grid(q, (n_text_blocks + n_image_tiles) * batch * heads)](
+            q, grad_out, out, k, v, extra_k, extra_v, dq, lse, delta, next_block, **shape, tiles_x=tiles_x,
             n_text_blocks=n_text_blocks, n_image_tiles=n_image_tiles, n_heads=batch * heads, **pattern_args,
             TY=q_tiles.ty, TX=q_tiles.tx, KY=q_tiles.ky, KX=q_tiles.kx, num_warps=q_tiles.num_warps,
             num_stages=q_tiles.num_stages)
@@ -214,9 +232,9 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         tiles_x = triton.cdiv(grid_w, tiles.kx)
         n_text_blocks, n_extra_blocks = triton.cdiv(n_text, block_n), triton.cdiv(n_extra, block_n)
         n_image_tiles = triton.cdiv(grid_h, tiles.ky) * tiles_x
-        kv_grad_kernel[((n_text_blocks + n_image_tiles + n_extra_blocks) * batch * kv_heads,)](
+        kv_grad_kernel[_persistent_grid(q, (n_text_blocks + n_image_tiles + n_extra_blocks) * batch * kv_heads)](
             q, grad_out, k, v, extra_k, extra_v, dk, dv, dextra_k if n_extra else None,
-            dextra_v if n_extra else None, lse, delta, **shape, tiles_x=tiles_x, n_text_blocks=n_text_blocks,
+            dextra_v if n_extra else None, lse, delta, next_block[1:], **shape, tiles_x=tiles_x, n_text_blocks=n_text_blocks,
             n_image_tiles=n_image_tiles, n_extra_blocks=n_extra_blocks, n_heads=batch * kv_heads, **pattern_args,
             TY=tiles.ty, TX=tiles.tx, KY=tiles.ky, KX=tiles.kx, num_warps=tiles.num_warps,
             num_stages=tiles.num_stages)
