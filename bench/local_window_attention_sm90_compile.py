@@ -35,20 +35,26 @@ def spills(ptx: str) -> str:
                      if "spill" in line or "registers" in line)
 
 
+def _descriptor_type(name: str, dtype_name: str, tiles, head_dim: int) -> str:
+    """Signature of a descriptor argument: q_/o_/do_/dq_ blocks are query blocks, k_/v_/dk_/dv_ key
+    blocks; *_img are [1, rows, cols, D] tiles, the others [1, block, D] row blocks."""
+    query = name.split("_")[0] in ("q", "o", "do", "dq")
+    rows, cols = (tiles.ty, tiles.tx) if query else (tiles.ky, tiles.kx)
+    block = [1, rows, cols, head_dim] if name.endswith("_img") else [1, rows * cols, head_dim]
+    return f"tensordesc<{dtype_name}[{','.join(map(str, block))}]>"
+
+
 def compile_kernel(fn, dtype_name: str, tiles, constexprs: dict) -> str:
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name.endswith("_ext"):  # extra tokens absent: compiled out
-            signature[name] = "constexpr"
-            constexprs = dict(constexprs, **{name: None})
         elif name in ("Lse", "Delta"):
             signature[name] = "*fp32"
         elif name in ("qk_scale", "scale"):
             signature[name] = "fp32"
-        elif name in ("Q", "K", "V", "Out", "dO", "dQ", "dK", "dV"):
-            signature[name] = f"*{dtype_name}"
+        elif "_" in name and name.split("_")[-1] in ("txt", "seq", "img", "ext"):
+            signature[name] = _descriptor_type(name, dtype_name, tiles, constexprs["HEAD_DIM"])
         else:
             signature[name] = "i32"
     source = ASTSource(fn=fn, signature=signature,

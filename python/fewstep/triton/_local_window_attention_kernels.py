@@ -148,14 +148,15 @@ def load_key_tile(k_img, v_img, kv_bh, qy0, qy1, qx0, qx1, ky0, kx0, grid_h, gri
 
 
 @triton.jit
-def program_block(pid, n_first_long, n_image, n_last_long, n_heads):
-    """(block index, batch*heads index) of work item ``pid`` of ``n_heads`` x blocks.
+def program_block(n_first_long, n_image, n_last_long, n_heads):
+    """(block index, batch*heads index) of this program in a 1-D launch of ``n_heads`` x blocks.
 
     Per head the blocks are ``n_first_long`` text blocks, ``n_image`` image tiles and ``n_last_long``
     extra blocks, indexed in that order. The long blocks (text and extra tokens see, or are seen by,
     every token) of all heads are launched first, then each head's image tiles in grid order: with
     the head as the slow index, the text blocks of the last heads would start last and run alone
     at the end, while image tiles launched together share their neighbourhood's keys in L2."""
+    pid = tl.program_id(0)
     n_long = (n_first_long + n_last_long) * n_heads
     long_block = pid // n_heads
     image_pid = tl.maximum(pid - n_long, 0)
@@ -168,25 +169,6 @@ def program_block(pid, n_first_long, n_image, n_last_long, n_heads):
 def kv_head(bh, heads, group):
     """The batch*kv_heads index that query head ``bh`` reads (GQA: ``group`` query heads per kv head)."""
     return (bh // heads) * (heads // group) + (bh % heads) // group
-
-
-@triton.jit
-def rows_desc(base, n_bh, n_tokens, rows, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Descriptor of rows 0..rows of a contiguous [B, heads, n_tokens, D] tensor at ``base`` as
-    [n_bh = B*heads, rows, D], read and written in [1, BLOCK, D] blocks (zeros past ``rows``,
-    stores clipped there)."""
-    return tl.make_tensor_descriptor(base, [n_bh, tl.maximum(rows, 1), HEAD_DIM],
-                                     [n_tokens.to(tl.int64) * HEAD_DIM, HEAD_DIM, 1], [1, BLOCK, HEAD_DIM])
-
-
-@triton.jit
-def image_desc(base, n_bh, n_tokens, n_text, grid_h, grid_w, ROWS: tl.constexpr, COLS: tl.constexpr,
-               HEAD_DIM: tl.constexpr):
-    """Descriptor of the image tokens of a contiguous [B, heads, n_tokens, D] tensor at ``base`` as
-    [n_bh, grid_h, grid_w, D], in [1, ROWS, COLS, D] tiles (zeros outside the grid, stores clipped)."""
-    return tl.make_tensor_descriptor(base + n_text * HEAD_DIM, [n_bh, grid_h, grid_w, HEAD_DIM],
-                                     [n_tokens.to(tl.int64) * HEAD_DIM, grid_w * HEAD_DIM, HEAD_DIM, 1],
-                                     [1, ROWS, COLS, HEAD_DIM])
 
 
 @triton.jit
@@ -234,48 +216,13 @@ def attend_contiguous(acc, m_i, l_i, q, k_desc, v_desc, kv_bh, n_keys, qk_scale,
 
 
 @jit
-def forward_kernel(Q, K, V, K_ext, V_ext, Out, Lse, Next, heads, group, n_tokens, n_text, grid_h, grid_w, n_extra,
-                   tiles_x, n_text_blocks, n_image_tiles, n_heads, reach_y, reach_x, max_d2, qk_scale,
-                   HEAD_DIM: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr, KY: tl.constexpr, KX: tl.constexpr,
-                   CIRCLE: tl.constexpr, PRECISION: tl.constexpr):
-    """Persistent: builds its descriptors once, then takes query blocks (text blocks first, then image
-    tiles, each over n_heads = B*heads) until none is left; ``Next`` (zero at launch) counts the blocks
-    taken after the first one of every program."""
+def forward_kernel(q_txt, q_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, o_txt, o_img, Lse, heads, group,
+                   n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x, n_text_blocks, n_image_tiles, n_heads,
+                   reach_y, reach_x, max_d2, qk_scale, HEAD_DIM: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr,
+                   KY: tl.constexpr, KX: tl.constexpr, CIRCLE: tl.constexpr, PRECISION: tl.constexpr):
     BLOCK_M: tl.constexpr = TY * TX
     BLOCK_N: tl.constexpr = KY * KX
-    n_kv = n_heads // group
-    if K_ext is not None:
-        k_ext = rows_desc(K_ext, n_kv, n_extra, n_extra, BLOCK_N, HEAD_DIM)
-        v_ext = rows_desc(V_ext, n_kv, n_extra, n_extra, BLOCK_N, HEAD_DIM)
-    else:  # compiled out
-        k_ext = None
-        v_ext = None
-    q_txt = rows_desc(Q, n_heads, n_tokens, n_text, BLOCK_M, HEAD_DIM)
-    q_img = image_desc(Q, n_heads, n_tokens, n_text, grid_h, grid_w, TY, TX, HEAD_DIM)
-    k_seq = rows_desc(K, n_kv, n_tokens, n_tokens, BLOCK_N, HEAD_DIM)
-    v_seq = rows_desc(V, n_kv, n_tokens, n_tokens, BLOCK_N, HEAD_DIM)
-    k_img = image_desc(K, n_kv, n_tokens, n_text, grid_h, grid_w, KY, KX, HEAD_DIM)
-    v_img = image_desc(V, n_kv, n_tokens, n_text, grid_h, grid_w, KY, KX, HEAD_DIM)
-    o_txt = rows_desc(Out, n_heads, n_tokens, n_text, BLOCK_M, HEAD_DIM)
-    o_img = image_desc(Out, n_heads, n_tokens, n_text, grid_h, grid_w, TY, TX, HEAD_DIM)
-    work = tl.program_id(0)
-    while work < (n_text_blocks + n_image_tiles) * n_heads:
-        forward_block(work, q_txt, q_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, o_txt, o_img, Lse, heads, group,
-                      n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x, n_text_blocks, n_image_tiles, n_heads,
-                      reach_y, reach_x, max_d2, qk_scale, HEAD_DIM, TY, TX, KY, KX, CIRCLE, PRECISION)
-        work = tl.num_programs(0) + tl.atomic_add(Next, 1)
-
-
-@triton.jit
-def forward_block(work, q_txt, q_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, o_txt, o_img, Lse, heads, group,
-                  n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x, n_text_blocks, n_image_tiles, n_heads,
-                  reach_y, reach_x, max_d2, qk_scale, HEAD_DIM: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr,
-                  KY: tl.constexpr, KX: tl.constexpr, CIRCLE: tl.constexpr, PRECISION: tl.constexpr):
-    """Query block ``work``: text block (every key) or image tile (text keys, the circle's key tiles,
-    extra keys); writes its output rows and lse."""
-    BLOCK_M: tl.constexpr = TY * TX
-    BLOCK_N: tl.constexpr = KY * KX
-    tile, bh = program_block(work, n_text_blocks, n_image_tiles, 0, n_heads)
+    tile, bh = program_block(n_text_blocks, n_image_tiles, 0, n_heads)
     kv_bh = kv_head(bh, heads, group)
     offs_m = tl.arange(0, BLOCK_M)
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: a fully masked block gives p = 0, not NaN
@@ -318,6 +265,17 @@ def forward_block(work, q_txt, q_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, 
     tl.store(Lse + bh.to(tl.int64) * n_tokens + rows, lse, mask=row_ok)
 
 
+@jit
+def delta_kernel(O, dO, Delta, n_rows, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+    """delta = rowsum(dO * O) in fp32, over the flattened [B*heads*N] rows."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = rows < n_rows
+    ptrs = rows[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+    o = tl.load(O + ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(dO + ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(Delta + rows, tl.sum(o * do, 1), mask=ok)
+
+
 @triton.jit
 def kv_grad_update(dk, dv, p_t, v, q, do, delta, PRECISION: tl.constexpr):
     """dK/dV contributions of one query block from its probabilities p_t [keys, queries]."""
@@ -328,16 +286,11 @@ def kv_grad_update(dk, dv, p_t, v, q, do, delta, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def row_lse2(Lse, bh, n_tokens, rows, row_ok):
-    """Base-2 lse of rows (+inf outside the sequence or grid, so that p = 0 there)."""
-    return tl.load(Lse + bh.to(tl.int64) * n_tokens + rows, mask=row_ok, other=float("inf")) * LN2_INV
-
-
-@triton.jit
 def row_stats(Lse, Delta, bh, n_tokens, rows, row_ok):
     """Base-2 lse (+inf on rows outside the sequence, so that p = 0 there) and delta of rows."""
-    delta = tl.load(Delta + bh.to(tl.int64) * n_tokens + rows, mask=row_ok, other=0.0)
-    return row_lse2(Lse, bh, n_tokens, rows, row_ok), delta
+    offset = bh.to(tl.int64) * n_tokens
+    lse2 = tl.load(Lse + offset + rows, mask=row_ok, other=float("inf")) * LN2_INV
+    return lse2, tl.load(Delta + offset + rows, mask=row_ok, other=0.0)
 
 
 @triton.jit
@@ -357,57 +310,16 @@ def kv_grad_contiguous(dk, dv, k, v, q_seq, do_seq, Lse, Delta, bh, n_tokens, ro
 
 
 @jit
-def kv_grad_kernel(Q, dO, K, V, K_ext, V_ext, dK, dV, dK_ext, dV_ext, Lse, Delta, Next, heads, group, n_tokens,
-                   n_text, grid_h, grid_w, n_extra, tiles_x, n_text_blocks, n_image_tiles, n_extra_blocks, n_heads,
-                   reach_y, reach_x, max_d2, qk_scale, scale, HEAD_DIM: tl.constexpr, TY: tl.constexpr,
-                   TX: tl.constexpr, KY: tl.constexpr, KX: tl.constexpr, CIRCLE: tl.constexpr,
-                   PRECISION: tl.constexpr):
-    """Persistent (as the forward) over key blocks and n_heads = B*kv_heads: text key blocks, 2-D image
-    key tiles and extra key blocks."""
+def kv_grad_kernel(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_img, k_ext, v_ext, dk_txt, dv_txt,
+                   dk_img, dv_img, dk_ext, dv_ext, Lse, Delta, heads, group, n_tokens, n_text, grid_h, grid_w,
+                   n_extra, tiles_x, n_text_blocks, n_image_tiles, n_extra_blocks, n_heads, reach_y, reach_x, max_d2,
+                   qk_scale, scale, HEAD_DIM: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr, KY: tl.constexpr,
+                   KX: tl.constexpr, CIRCLE: tl.constexpr, PRECISION: tl.constexpr):
+    """One program per key block and (batch, kv head): text key blocks, 2-D image key tiles and
+    extra key blocks; sums over the query heads of the kv head's group."""
     BLOCK_M: tl.constexpr = TY * TX
     BLOCK_N: tl.constexpr = KY * KX
-    n_q = n_heads * group  # B*heads
-    if K_ext is not None:
-        k_ext = rows_desc(K_ext, n_heads, n_extra, n_extra, BLOCK_N, HEAD_DIM)
-        v_ext = rows_desc(V_ext, n_heads, n_extra, n_extra, BLOCK_N, HEAD_DIM)
-        dk_ext = rows_desc(dK_ext, n_heads, n_extra, n_extra, BLOCK_N, HEAD_DIM)
-        dv_ext = rows_desc(dV_ext, n_heads, n_extra, n_extra, BLOCK_N, HEAD_DIM)
-    else:  # compiled out
-        k_ext = None
-        v_ext = None
-        dk_ext = None
-        dv_ext = None
-    q_seq = rows_desc(Q, n_q, n_tokens, n_tokens, BLOCK_M, HEAD_DIM)
-    do_seq = rows_desc(dO, n_q, n_tokens, n_tokens, BLOCK_M, HEAD_DIM)
-    q_img = image_desc(Q, n_q, n_tokens, n_text, grid_h, grid_w, TY, TX, HEAD_DIM)
-    do_img = image_desc(dO, n_q, n_tokens, n_text, grid_h, grid_w, TY, TX, HEAD_DIM)
-    k_txt = rows_desc(K, n_heads, n_tokens, n_text, BLOCK_N, HEAD_DIM)
-    v_txt = rows_desc(V, n_heads, n_tokens, n_text, BLOCK_N, HEAD_DIM)
-    k_img = image_desc(K, n_heads, n_tokens, n_text, grid_h, grid_w, KY, KX, HEAD_DIM)
-    v_img = image_desc(V, n_heads, n_tokens, n_text, grid_h, grid_w, KY, KX, HEAD_DIM)
-    dk_txt = rows_desc(dK, n_heads, n_tokens, n_text, BLOCK_N, HEAD_DIM)
-    dv_txt = rows_desc(dV, n_heads, n_tokens, n_text, BLOCK_N, HEAD_DIM)
-    dk_img = image_desc(dK, n_heads, n_tokens, n_text, grid_h, grid_w, KY, KX, HEAD_DIM)
-    dv_img = image_desc(dV, n_heads, n_tokens, n_text, grid_h, grid_w, KY, KX, HEAD_DIM)
-    work = tl.program_id(0)
-    while work < (n_text_blocks + n_image_tiles + n_extra_blocks) * n_heads:
-        kv_grad_block(work, q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_img, k_ext, v_ext, dk_txt, dv_txt,
-                      dk_img, dv_img, dk_ext, dv_ext, Lse, Delta, heads, group, n_tokens, n_text, grid_h, grid_w,
-                      n_extra, tiles_x, n_text_blocks, n_image_tiles, n_extra_blocks, n_heads, reach_y, reach_x,
-                      max_d2, qk_scale, scale, HEAD_DIM, TY, TX, KY, KX, CIRCLE, PRECISION)
-        work = tl.num_programs(0) + tl.atomic_add(Next, 1)
-
-
-@triton.jit
-def kv_grad_block(work, q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_img, k_ext, v_ext, dk_txt, dv_txt,
-                  dk_img, dv_img, dk_ext, dv_ext, Lse, Delta, heads, group, n_tokens, n_text, grid_h, grid_w,
-                  n_extra, tiles_x, n_text_blocks, n_image_tiles, n_extra_blocks, n_heads, reach_y, reach_x, max_d2,
-                  qk_scale, scale, HEAD_DIM: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr, KY: tl.constexpr,
-                  KX: tl.constexpr, CIRCLE: tl.constexpr, PRECISION: tl.constexpr):
-    """dK and dV of key block ``work``, summed over the query heads of its kv head's group."""
-    BLOCK_M: tl.constexpr = TY * TX
-    BLOCK_N: tl.constexpr = KY * KX
-    tile, kv_bh = program_block(work, n_text_blocks, n_image_tiles, n_extra_blocks, n_heads)
+    tile, kv_bh = program_block(n_text_blocks, n_image_tiles, n_extra_blocks, n_heads)
     kv_heads = heads // group
     first_bh = (kv_bh // kv_heads) * heads + (kv_bh % kv_heads) * group
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
@@ -488,82 +400,33 @@ def q_grad_contiguous(dq, q, do, lse2, delta, k_desc, v_desc, kv_bh, n_keys, qk_
     return dq
 
 
-@triton.jit
-def row_deltas(Delta, o, do, bh, n_tokens, rows, row_ok):
-    """delta = rowsum(dO * O) in fp32 of a query block, stored for the dK/dV kernel (which runs after
-    this one); rows outside the sequence or grid load as zeros and are not stored."""
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + bh.to(tl.int64) * n_tokens + rows, delta, mask=row_ok)
-    return delta
-
-
 @jit
-def q_grad_kernel(Q, dO, Out, K, V, K_ext, V_ext, dQ, Lse, Delta, Next, heads, group, n_tokens, n_text, grid_h,
-                  grid_w, n_extra, tiles_x, n_text_blocks, n_image_tiles, n_heads, reach_y, reach_x, max_d2,
-                  qk_scale, scale, HEAD_DIM: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr, KY: tl.constexpr,
-                  KX: tl.constexpr, CIRCLE: tl.constexpr, PRECISION: tl.constexpr):
-    """Persistent (as the forward) over the forward's query blocks; also writes delta of their rows."""
+def q_grad_kernel(q_txt, do_txt, q_img, do_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, dq_txt, dq_img, Lse, Delta,
+                  heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x, n_text_blocks, n_image_tiles,
+                  n_heads, reach_y, reach_x, max_d2, qk_scale, scale, HEAD_DIM: tl.constexpr, TY: tl.constexpr,
+                  TX: tl.constexpr, KY: tl.constexpr, KX: tl.constexpr, CIRCLE: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """One program per query tile (as the forward) and (batch, head)."""
     BLOCK_M: tl.constexpr = TY * TX
     BLOCK_N: tl.constexpr = KY * KX
-    n_kv = n_heads // group
-    if K_ext is not None:
-        k_ext = rows_desc(K_ext, n_kv, n_extra, n_extra, BLOCK_N, HEAD_DIM)
-        v_ext = rows_desc(V_ext, n_kv, n_extra, n_extra, BLOCK_N, HEAD_DIM)
-    else:  # compiled out
-        k_ext = None
-        v_ext = None
-    q_txt = rows_desc(Q, n_heads, n_tokens, n_text, BLOCK_M, HEAD_DIM)
-    do_txt = rows_desc(dO, n_heads, n_tokens, n_text, BLOCK_M, HEAD_DIM)
-    o_txt = rows_desc(Out, n_heads, n_tokens, n_text, BLOCK_M, HEAD_DIM)
-    q_img = image_desc(Q, n_heads, n_tokens, n_text, grid_h, grid_w, TY, TX, HEAD_DIM)
-    do_img = image_desc(dO, n_heads, n_tokens, n_text, grid_h, grid_w, TY, TX, HEAD_DIM)
-    o_img = image_desc(Out, n_heads, n_tokens, n_text, grid_h, grid_w, TY, TX, HEAD_DIM)
-    k_seq = rows_desc(K, n_kv, n_tokens, n_tokens, BLOCK_N, HEAD_DIM)
-    v_seq = rows_desc(V, n_kv, n_tokens, n_tokens, BLOCK_N, HEAD_DIM)
-    k_img = image_desc(K, n_kv, n_tokens, n_text, grid_h, grid_w, KY, KX, HEAD_DIM)
-    v_img = image_desc(V, n_kv, n_tokens, n_text, grid_h, grid_w, KY, KX, HEAD_DIM)
-    dq_txt = rows_desc(dQ, n_heads, n_tokens, n_text, BLOCK_M, HEAD_DIM)
-    dq_img = image_desc(dQ, n_heads, n_tokens, n_text, grid_h, grid_w, TY, TX, HEAD_DIM)
-    work = tl.program_id(0)
-    while work < (n_text_blocks + n_image_tiles) * n_heads:
-        q_grad_block(work, q_txt, do_txt, o_txt, q_img, do_img, o_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext,
-                     dq_txt, dq_img, Lse, Delta, heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x,
-                     n_text_blocks, n_image_tiles, n_heads, reach_y, reach_x, max_d2, qk_scale, scale, HEAD_DIM, TY,
-                     TX, KY, KX, CIRCLE, PRECISION)
-        work = tl.num_programs(0) + tl.atomic_add(Next, 1)
-
-
-@triton.jit
-def q_grad_block(work, q_txt, do_txt, o_txt, q_img, do_img, o_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, dq_txt,
-                 dq_img, Lse, Delta, heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x, n_text_blocks,
-                 n_image_tiles, n_heads, reach_y, reach_x, max_d2, qk_scale, scale, HEAD_DIM: tl.constexpr,
-                 TY: tl.constexpr, TX: tl.constexpr, KY: tl.constexpr, KX: tl.constexpr, CIRCLE: tl.constexpr,
-                 PRECISION: tl.constexpr):
-    """dQ (and delta) of query block ``work``: text block or image tile, over the forward's keys."""
-    BLOCK_M: tl.constexpr = TY * TX
-    BLOCK_N: tl.constexpr = KY * KX
-    tile, bh = program_block(work, n_text_blocks, n_image_tiles, 0, n_heads)
+    tile, bh = program_block(n_text_blocks, n_image_tiles, 0, n_heads)
     kv_bh = kv_head(bh, heads, group)
+    offs_m = tl.arange(0, BLOCK_M)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if tile < n_text_blocks:
         row0 = tile * BLOCK_M
-        rows = row0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < n_text
+        rows = row0 + offs_m
+        lse2, delta = row_stats(Lse, Delta, bh, n_tokens, rows, rows < n_text)
         q = load_block(q_txt, bh, row0, BLOCK_M, HEAD_DIM)
         do = load_block(do_txt, bh, row0, BLOCK_M, HEAD_DIM)
-        delta = row_deltas(Delta, load_block(o_txt, bh, row0, BLOCK_M, HEAD_DIM), do, bh, n_tokens, rows, row_ok)
-        lse2 = row_lse2(Lse, bh, n_tokens, rows, row_ok)
         dq = q_grad_contiguous(dq, q, do, lse2, delta, k_seq, v_seq, kv_bh, n_tokens, qk_scale, BLOCK_N, HEAD_DIM,
                                PRECISION)
         dq_txt.store([bh, row0, 0], (dq * scale).to(q.dtype).reshape(1, BLOCK_M, HEAD_DIM))  # clipped at n_text
     else:
         qy0, qx0, qy, qx = image_tile(tile - n_text_blocks, tiles_x, TY, TX)
-        rows = n_text + qy * grid_w + qx
-        row_ok = (qy < grid_h) & (qx < grid_w)
+        lse2, delta = row_stats(Lse, Delta, bh, n_tokens, n_text + qy * grid_w + qx, (qy < grid_h) & (qx < grid_w))
         q = load_tile(q_img, bh, qy0, qx0, TY, TX, HEAD_DIM)
         do = load_tile(do_img, bh, qy0, qx0, TY, TX, HEAD_DIM)
-        delta = row_deltas(Delta, load_tile(o_img, bh, qy0, qx0, TY, TX, HEAD_DIM), do, bh, n_tokens, rows, row_ok)
-        lse2 = row_lse2(Lse, bh, n_tokens, rows, row_ok)
         dq = q_grad_contiguous(dq, q, do, lse2, delta, k_seq, v_seq, kv_bh, n_text, qk_scale, BLOCK_N, HEAD_DIM,
                                PRECISION)
         qy1, qx1, ky0, kx0, kx_end, n_key_tiles = walk_start(qy0, qx0, grid_h, grid_w, reach_y, reach_x, max_d2,

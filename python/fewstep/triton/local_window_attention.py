@@ -76,7 +76,7 @@ def kernel_tiles(head_dim: int, dtype: torch.dtype) -> KernelTiles:
 def _kernels():
     import triton
     from fewstep.triton import _local_window_attention_kernels as kernels
-    return triton, kernels.forward_kernel, kernels.kv_grad_kernel, kernels.q_grad_kernel
+    return triton, kernels.forward_kernel, kernels.delta_kernel, kernels.kv_grad_kernel, kernels.q_grad_kernel
 
 
 def check_triton_args(q: torch.Tensor) -> None:
@@ -118,39 +118,22 @@ def _tma_ready(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
-def _scratch(size: int, alignment: int, stream: Optional[int]) -> torch.Tensor:
-    """Triton's allocator for the kernels' device-built TMA descriptors (128 bytes per descriptor
-    and program), on the current CUDA device and stream."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
+def _sequence(t: torch.Tensor, rows: int, block: int):
+    """Descriptor of rows 0..rows of a contiguous [B, heads, n, D] tensor as [B*heads, rows, D],
+    read and written in [1, block, D] blocks (zeros past ``rows``, stores clipped there)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    batch, heads, n, head_dim = t.shape
+    return TensorDescriptor(t, [batch * heads, max(rows, 1), head_dim], [n * head_dim, head_dim, 1],
+                            [1, block, head_dim])
 
 
-PROGRAMS_PER_SM = 2  # the kernels' occupancy at their tiles (4 warps, ~255 registers, 2-3 TMA stages)
-INTERPRETED_PROGRAMS = 3  # under the interpreter: few programs, so that each loops over several blocks
-
-
-def _persistent_grid(t: torch.Tensor, n_blocks: int) -> tuple[int]:
-    """Programs of a persistent launch over ``n_blocks`` work items: as many as run at once."""
-    if not t.is_cuda:
-        return (min(n_blocks, INTERPRETED_PROGRAMS),)
-    return (min(n_blocks, PROGRAMS_PER_SM * _sm_count(t.device.index or 0)),)
-
-
-@functools.cache
-def _sm_count(device: int) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-@contextlib.contextmanager
-def _launching(t: torch.Tensor):
-    """The device of ``t`` current, and ``_scratch`` as Triton's allocator for these launches only
-    (a context variable: the caller's allocator, if any, is restored)."""
-    from triton.runtime import _allocation
-    token = _allocation._allocator.set(_scratch)
-    try:
-        with _device_guard(t):
-            yield
-    finally:
-        _allocation._allocator.reset(token)
+def _image(t: torch.Tensor, n_text: int, grid_h: int, grid_w: int, rows: int, cols: int):
+    """Descriptor of the image tokens of a contiguous [B, heads, N, D] tensor as
+    [B*heads, grid_h, grid_w, D], in [1, rows, cols, D] tiles (zeros outside the grid, stores clipped)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    batch, heads, n, head_dim = t.shape
+    return TensorDescriptor(t[:, :, n_text:], [batch * heads, grid_h, grid_w, head_dim],
+                            [n * head_dim, grid_w * head_dim, head_dim, 1], [1, rows, cols, head_dim])
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_k: Optional[torch.Tensor],
@@ -166,23 +149,29 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_k: Optional
     batch, heads, n_tokens, head_dim = q.shape
     group = heads // k.shape[1]
     tiles = kernel_tiles(head_dim, q.dtype).forward
-    n_extra = 0 if extra_k is None else extra_k.shape[2]  # None: compiled out
-    if extra_k is not None:
+    block_m, block_n = tiles.ty * tiles.tx, tiles.ky * tiles.kx
+    n_extra, k_ext, v_ext = 0, None, None  # None: compiled out (fewer descriptors per launch)
+    if extra_k is not None:  # checked non-empty
         extra_k, extra_v = _tma_ready(extra_k), _tma_ready(extra_v)
+        n_extra = extra_k.shape[2]
+        k_ext, v_ext = _sequence(extra_k, n_extra, block_n), _sequence(extra_v, n_extra, block_n)
     pattern = _pattern(grid_h, grid_w, radius, window_h, window_w)
     out = torch.empty_like(q)
     lse = q.new_empty(q.shape[:3], dtype=lse_dtype_for(q.dtype))
     tiles_x = triton.cdiv(grid_w, tiles.tx)
-    n_text_blocks = triton.cdiv(n_text, tiles.ty * tiles.tx)
+    n_text_blocks = triton.cdiv(n_text, block_m)
     n_image_tiles = triton.cdiv(grid_h, tiles.ty) * tiles_x
-    next_block = torch.zeros(1, dtype=torch.int32, device=q.device)  # the persistent programs' work counter
-    with _launching(q):
-        forward_kernel[_persistent_grid(q, (n_text_blocks + n_image_tiles) * batch * heads)](
-            q, k, v, extra_k, extra_v, out, lse, next_block, heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x,
-            n_text_blocks, n_image_tiles, batch * heads, pattern.reach_y, pattern.reach_x, pattern.max_d2,
-            scale * LOG2E, HEAD_DIM=head_dim, TY=tiles.ty, TX=tiles.tx, KY=tiles.ky, KX=tiles.kx,
-            CIRCLE=pattern.circle, PRECISION=_precision(q.dtype), num_warps=tiles.num_warps,
-            num_stages=tiles.num_stages)
+    with _device_guard(q):
+        forward_kernel[((n_text_blocks + n_image_tiles) * batch * heads,)](
+            _sequence(q, n_text, block_m), _image(q, n_text, grid_h, grid_w, tiles.ty, tiles.tx),
+            _sequence(k, n_tokens, block_n), _sequence(v, n_tokens, block_n),
+            _image(k, n_text, grid_h, grid_w, tiles.ky, tiles.kx),
+            _image(v, n_text, grid_h, grid_w, tiles.ky, tiles.kx),
+            k_ext, v_ext, _sequence(out, n_text, block_m), _image(out, n_text, grid_h, grid_w, tiles.ty, tiles.tx), lse,
+            heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x, n_text_blocks, n_image_tiles,
+            batch * heads, pattern.reach_y, pattern.reach_x, pattern.max_d2, scale * LOG2E,
+            HEAD_DIM=head_dim, TY=tiles.ty, TX=tiles.tx, KY=tiles.ky, KX=tiles.kx, CIRCLE=pattern.circle,
+            PRECISION=_precision(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out, lse
 
 
@@ -195,7 +184,7 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     check_triton_args(q)
     check_backward_args(grad_out, q, k, v, extra_k, extra_v, out, lse, grid_h, grid_w, n_text, radius, window_h,
                         window_w, scale)
-    triton, _, kv_grad_kernel, q_grad_kernel = _kernels()
+    triton, _, delta_kernel, kv_grad_kernel, q_grad_kernel = _kernels()
     grad_out, q, k, v, out = (_tma_ready(t) for t in (grad_out, q, k, v, out))
     lse = lse.contiguous()
     batch, heads, n_tokens, head_dim = q.shape
@@ -205,39 +194,56 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     pattern = _pattern(grid_h, grid_w, radius, window_h, window_w)
     tiles, q_tiles = kernel_tiles(head_dim, q.dtype)[1:]
     precision = _precision(q.dtype)
-    delta = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)  # written by dQ, read by dK/dV
+    delta = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    n_rows = batch * heads * n_tokens
+    delta_block = max(16, 4096 // head_dim)
+    block_m, block_n = tiles.ty * tiles.tx, tiles.ky * tiles.kx
     if extra_k is not None:  # checked non-empty
         extra_k, extra_v = _tma_ready(extra_k), _tma_ready(extra_v)
         dextra_k, dextra_v = torch.empty_like(extra_k), torch.empty_like(extra_v)
-    else:  # None: compiled out
+        n_extra = extra_k.shape[2]
+        extras = [_sequence(t, n_extra, block_n) for t in (extra_k, extra_v, dextra_k, dextra_v)]
+    else:
         dextra_k = k.new_empty(batch, kv_heads, 0, head_dim)
         dextra_v = v.new_empty(batch, kv_heads, 0, head_dim)
-    n_extra = 0 if extra_k is None else extra_k.shape[2]
-    shape = dict(heads=heads, group=group, n_tokens=n_tokens, n_text=n_text, grid_h=grid_h, grid_w=grid_w,
-                 n_extra=n_extra)
-    pattern_args = dict(reach_y=pattern.reach_y, reach_x=pattern.reach_x, max_d2=pattern.max_d2,
-                        qk_scale=scale * LOG2E, scale=scale, HEAD_DIM=head_dim, CIRCLE=pattern.circle,
-                        PRECISION=precision)
-    next_block = torch.zeros(2, dtype=torch.int32, device=q.device)  # the persistent programs' work counters
-    with _launching(q):
-        tiles_x = triton.cdiv(grid_w, q_tiles.tx)
-        n_text_blocks = triton.cdiv(n_text, q_tiles.ty * q_tiles.tx)
-        n_image_tiles = triton.cdiv(grid_h, q_tiles.ty) * tiles_x
-        q_grad_kernel[_persistent_grid(q, (n_text_blocks + n_image_tiles) * batch * heads)](
-            q, grad_out, out, k, v, extra_k, extra_v, dq, lse, delta, next_block, **shape, tiles_x=tiles_x,
-            n_text_blocks=n_text_blocks, n_image_tiles=n_image_tiles, n_heads=batch * heads, **pattern_args,
-            TY=q_tiles.ty, TX=q_tiles.tx, KY=q_tiles.ky, KX=q_tiles.kx, num_warps=q_tiles.num_warps,
-            num_stages=q_tiles.num_stages)
-        block_n = tiles.ky * tiles.kx
-        tiles_x = triton.cdiv(grid_w, tiles.kx)
-        n_text_blocks, n_extra_blocks = triton.cdiv(n_text, block_n), triton.cdiv(n_extra, block_n)
-        n_image_tiles = triton.cdiv(grid_h, tiles.ky) * tiles_x
-        kv_grad_kernel[_persistent_grid(q, (n_text_blocks + n_image_tiles + n_extra_blocks) * batch * kv_heads)](
-            q, grad_out, k, v, extra_k, extra_v, dk, dv, dextra_k if n_extra else None,
-            dextra_v if n_extra else None, lse, delta, next_block[1:], **shape, tiles_x=tiles_x, n_text_blocks=n_text_blocks,
-            n_image_tiles=n_image_tiles, n_extra_blocks=n_extra_blocks, n_heads=batch * kv_heads, **pattern_args,
-            TY=tiles.ty, TX=tiles.tx, KY=tiles.ky, KX=tiles.kx, num_warps=tiles.num_warps,
-            num_stages=tiles.num_stages)
+        n_extra = 0
+        extras = [None] * 4  # compiled out
+    with _device_guard(q):
+        delta_kernel[(triton.cdiv(n_rows, delta_block),)](out, grad_out, delta, n_rows, HEAD_DIM=head_dim,
+                                                          BLOCK=delta_block)
+        key_tiles_x = triton.cdiv(grid_w, tiles.kx)
+        n_image_key_tiles = triton.cdiv(grid_h, tiles.ky) * key_tiles_x
+        n_text_key_blocks = triton.cdiv(n_text, block_n)
+        n_extra_key_blocks = triton.cdiv(n_extra, block_n)
+        key_tile = dict(n_text=n_text, grid_h=grid_h, grid_w=grid_w, rows=tiles.ky, cols=tiles.kx)
+        query_tile = dict(n_text=n_text, grid_h=grid_h, grid_w=grid_w, rows=tiles.ty, cols=tiles.tx)
+        kv_grad_kernel[((n_text_key_blocks + n_image_key_tiles + n_extra_key_blocks) * batch * kv_heads,)](
+            _sequence(q, n_tokens, block_m), _sequence(grad_out, n_tokens, block_m), _image(q, **query_tile),
+            _image(grad_out, **query_tile), _sequence(k, n_text, block_n), _sequence(v, n_text, block_n),
+            _image(k, **key_tile), _image(v, **key_tile), extras[0], extras[1], _sequence(dk, n_text, block_n),
+            _sequence(dv, n_text, block_n), _image(dk, **key_tile), _image(dv, **key_tile), extras[2], extras[3],
+            lse, delta, heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, key_tiles_x, n_text_key_blocks,
+            n_image_key_tiles, n_extra_key_blocks, batch * kv_heads, pattern.reach_y, pattern.reach_x, pattern.max_d2,
+            scale * LOG2E, scale,
+            HEAD_DIM=head_dim, TY=tiles.ty, TX=tiles.tx, KY=tiles.ky, KX=tiles.kx, CIRCLE=pattern.circle,
+            PRECISION=precision, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        block_m, block_n = q_tiles.ty * q_tiles.tx, q_tiles.ky * q_tiles.kx
+        key_tile = dict(n_text=n_text, grid_h=grid_h, grid_w=grid_w, rows=q_tiles.ky, cols=q_tiles.kx)
+        query_tile = dict(n_text=n_text, grid_h=grid_h, grid_w=grid_w, rows=q_tiles.ty, cols=q_tiles.tx)
+        q_tiles_x = triton.cdiv(grid_w, q_tiles.tx)
+        n_text_query_blocks = triton.cdiv(n_text, block_m)
+        n_image_query_tiles = triton.cdiv(grid_h, q_tiles.ty) * q_tiles_x
+        k_ext, v_ext = ((_sequence(extra_k, n_extra, block_n), _sequence(extra_v, n_extra, block_n)) if n_extra
+                        else (None, None))
+        q_grad_kernel[((n_text_query_blocks + n_image_query_tiles) * batch * heads,)](
+            _sequence(q, n_text, block_m), _sequence(grad_out, n_text, block_m), _image(q, **query_tile),
+            _image(grad_out, **query_tile), _sequence(k, n_tokens, block_n), _sequence(v, n_tokens, block_n),
+            _image(k, **key_tile), _image(v, **key_tile), k_ext, v_ext, _sequence(dq, n_text, block_m),
+            _image(dq, **query_tile), lse, delta, heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, q_tiles_x,
+            n_text_query_blocks, n_image_query_tiles, batch * heads, pattern.reach_y, pattern.reach_x, pattern.max_d2,
+            scale * LOG2E, scale,
+            HEAD_DIM=head_dim, TY=q_tiles.ty, TX=q_tiles.tx, KY=q_tiles.ky, KX=q_tiles.kx, CIRCLE=pattern.circle,
+            PRECISION=precision, num_warps=q_tiles.num_warps, num_stages=q_tiles.num_stages)
     return dq, dk, dv, dextra_k, dextra_v
 
 
