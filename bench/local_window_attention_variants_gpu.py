@@ -4,7 +4,7 @@ heads, D=128; CLEAR's shapes): each variant is a copy of
 the production launchers, or through a copy of the launcher module (``NAME=KERNELS:LAUNCHER``, for
 changes to both, e.g. the previous commit's pair from ``git show``). Per variant and shape: device
 time of the forward and of the backward launcher (CUDA-graph replay, so host overhead is left out),
-per-kernel profiler times, and the largest difference from the first variant's outputs and
+per-kernel profiler times, host time per call (back-to-back calls without a sync), and the largest difference from the first variant's outputs and
 gradients. Variants are timed in turn, twice, in reverse order the second time, so clock drift does
 not favour one.
 
@@ -23,11 +23,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import gpu_median_ms, graph_replay_ms  # noqa: E402
+from local_window_attention_host_gpu import host_us  # noqa: E402
 from local_window_attention_tiles_gpu import kernel_times, training_inputs, write_rows  # noqa: E402
 
 from fewstep.triton import local_window_attention as lwa  # noqa: E402
 
 SHAPES = [(64, 512, 16.0), (64, 512, 8.0), (128, 512, 16.0)]  # grid side, text tokens, radius
+KERNEL_NAMES = ("forward_kernel", "delta_kernel", "kv_grad_kernel", "q_grad_kernel")
 
 
 def load_variant(name: str, spec: str):
@@ -38,7 +40,8 @@ def load_variant(name: str, spec: str):
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     import triton
-    kernels = (triton, module.forward_kernel, module.delta_kernel, module.kv_grad_kernel, module.q_grad_kernel)
+    # the kernels in the order the launcher unpacks them (earlier versions had a separate delta kernel)
+    kernels = (triton, *(getattr(module, name) for name in KERNEL_NAMES if hasattr(module, name)))
     launcher = lwa
     if launcher_path:
         source = open(launcher_path).read()
@@ -74,7 +77,9 @@ def main():
                        fwd_ms=graph_replay_ms(lambda: fwd(q, k, v, None, None, *pattern)),
                        bwd_ms=graph_replay_ms(lambda: bwd(grad_out, q, k, v, None, None, out, lse, *pattern)),
                        fwd_events_ms=gpu_median_ms(lambda: fwd(q, k, v, None, None, *pattern)),
-                       bwd_events_ms=gpu_median_ms(lambda: bwd(grad_out, q, k, v, None, None, out, lse, *pattern)))
+                       bwd_events_ms=gpu_median_ms(lambda: bwd(grad_out, q, k, v, None, None, out, lse, *pattern)),
+                       fwd_host_us=host_us(lambda: fwd(q, k, v, None, None, *pattern)),
+                       bwd_host_us=host_us(lambda: bwd(grad_out, q, k, v, None, None, out, lse, *pattern)))
             if run < len(variants):
                 row["kernel_ms"] = kernel_times(lambda: bwd(grad_out, q, k, v, None, None, out, lse, *pattern))
             rows.append(row)
