@@ -1,4 +1,5 @@
-"""GPU benchmark of local-window (CLEAR) attention, bf16, B=1, 24 heads, D=128 (issue 4's table):
+"""GPU benchmark of local-window (CLEAR) attention, bf16, B=1, 24 heads, D=128 (issue 4's table; the
+suite local_window_attention_models runs other models' heads and head dims, MODEL_CASES):
 fewstep.local_window_attention against FlexAttention compiled with CLEAR's raster-order 128-token
 block mask, FlexAttention with a 2-D-tiled token order (image tokens only) and dense SDPA.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 import traceback
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +27,26 @@ from common import gpu_median_ms, graph_replay_ms
 from fewstep.triton.local_window_attention_work import admitted_pairs, kernel_work
 
 SUITE = "local_window_attention"
-HEADS, HEAD_DIM, DTYPE = 24, 128, torch.bfloat16
-# (image grid side, text tokens, radius, time the backward too)
-CASES = [(64, 512, 16, True), (64, 512, 8, True), (128, 512, 16, True), (128, 512, 8, True), (256, 512, 16, False)]
+DTYPE = torch.bfloat16
+
+
+class Shape(NamedTuple):
+    side: int  # image grid side
+    n_text: int
+    radius: float
+    with_backward: bool  # time the backward too
+    heads: int = 24
+    head_dim: int = 128
+    model: str = ""  # the model whose attention this is, for the report
+
+
+CASES = [Shape(64, 512, 16, True), Shape(64, 512, 8, True), Shape(128, 512, 16, True), Shape(128, 512, 8, True),
+         Shape(256, 512, 16, False)]
+# Other models' attention shapes (suite local_window_attention_models): PixArt-Sigma at 1024^2 (16 heads of 72,
+# up to 300 T5 tokens), DiT-XL/2 at 512^2 (16 heads of 72, no text), SD3-medium at 1024^2 (24 heads of 64,
+# 77 + 256 text tokens).
+MODEL_CASES = [Shape(64, 300, 16, True, 16, 72, "PixArt-Sigma 1024px"), Shape(32, 0, 8, True, 16, 72, "DiT-XL/2 512px"),
+               Shape(64, 333, 16, True, 24, 64, "SD3-medium 1024px")]
 TILE_Y, TILE_X = 8, 16  # FlexAttention's 2-D-tiled order: 128-token blocks of 8 x 16 grid positions
 
 
@@ -99,9 +118,9 @@ def _guarded(case, provider, body):
         torch.cuda.empty_cache()
 
 
-def run(rec):
+def run(rec, cases=CASES):
     import fewstep
-    from fewstep.triton.local_window_attention import compiled_kernel_count
+    from fewstep.triton.local_window_attention import block_head_dim, compiled_kernel_count
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 
@@ -111,18 +130,19 @@ def run(rec):
         torch._dynamo.reset()
         return torch.compile(flex_attention, dynamic=False)
     # Warm fewstep's kernels (compiled once, for every grid and radius) at a shape outside the table.
-    warm = torch.randn(1, HEADS, 7 + 5 * 9, HEAD_DIM, device="cuda", dtype=DTYPE, requires_grad=True)
-    fewstep.local_window_attention(warm, warm, warm, grid=(5, 9), n_text=7, radius=3.0).sum().backward()
+    for head_dim in sorted({shape.head_dim for shape in cases}):
+        warm = torch.randn(1, 2, 7 + 5 * 9, head_dim, device="cuda", dtype=DTYPE, requires_grad=True)
+        fewstep.local_window_attention(warm, warm, warm, grid=(5, 9), n_text=7, radius=3.0).sum().backward()
     torch.cuda.synchronize()
-    for side, n_text, radius, with_backward in CASES:
+    for side, n_text, radius, with_backward, heads, head_dim, model in cases:
         h = w = side
         n = n_text + h * w
-        case = f"{h}x{w}+{n_text} r={radius}"
+        case = f"{h}x{w}+{n_text} r={radius}" + (f", {model}: {heads} heads, D={head_dim}" if model else "")
         pairs = admitted_pairs((h, w), n_text, radius=radius)
-        flops = 4 * HEAD_DIM * pairs * HEADS
+        flops = 4 * head_dim * pairs * heads
         print(f"{SUITE}: {case}: N={n}, admitted pairs {pairs} ({100 * pairs / n ** 2:.1f}% of dense)", flush=True)
         gen = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v = (torch.randn(1, HEADS, n, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen) for _ in range(3))
+        q, k, v = (torch.randn(1, heads, n, head_dim, device="cuda", dtype=DTYPE, generator=gen) for _ in range(3))
 
         def fewstep_provider():
             before = compiled_kernel_count()
@@ -147,7 +167,9 @@ def run(rec):
                     SUITE, case, "fewstep fwd+bwd, CUDA graph (device only)", DTYPE,
                     graph_replay_ms(_fwd_bwd_step(attend, (q, k, v)))))
             # the rate on the pairs the kernels compute (whole tiles): kernel efficiency apart from tile waste
-            work = kernel_work((h, w), n_text, radius=radius, head_dim=HEAD_DIM, dtype=DTYPE).flops(HEAD_DIM, HEADS)
+            # (at the kernels' block width: a head dim between powers of two computes padded columns too)
+            work = kernel_work((h, w), n_text, radius=radius, head_dim=head_dim, dtype=DTYPE).flops(
+                block_head_dim(head_dim), heads)
             computed = (work["forward"], work["forward"] + work["backward"])
             for direction, ms, flops_done in zip(("fwd", "fwd+bwd"), times, computed):
                 if ms is not None:
@@ -177,11 +199,11 @@ def run(rec):
             def attend(q, k, v):
                 return flex(q, k, v, block_mask=mask)
             _record(rec, case, "flex 2-D tiled, image only", _time(attend, with_backward, image),
-                    4 * HEAD_DIM * admitted_pairs((h, w), radius=radius) * HEADS)
+                    4 * head_dim * admitted_pairs((h, w), radius=radius) * heads)
 
         def dense():
             _record(rec, case, "dense SDPA", _time(F.scaled_dot_product_attention, with_backward, (q, k, v)),
-                    4 * HEAD_DIM * n * n * HEADS)
+                    4 * head_dim * n * n * heads)
 
         for provider, body in (("fewstep", fewstep_provider), ("flex raster", flex_raster),
                                ("flex tiled", flex_tiled), ("dense SDPA", dense)):

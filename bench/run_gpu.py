@@ -36,7 +36,9 @@ SUITES = {"sampler_step": lambda rec, c: sampler_step_gpu.run(rec, c["copy_GBps"
           "lcd_guided": lambda rec, c: lcd_guided_gpu.run(rec),
           "adamw": lambda rec, c: adamw_gpu.run(rec, c["copy_GBps"]),
           "clear": lambda rec, c: clear_gpu.run(rec),
-          "local_window_attention": lambda rec, c: local_window_attention_gpu.run(rec)}
+          "local_window_attention": lambda rec, c: local_window_attention_gpu.run(rec),
+          "local_window_attention_models": lambda rec, c: local_window_attention_gpu.run(
+              rec, local_window_attention_gpu.MODEL_CASES)}
 
 
 def main():

@@ -282,10 +282,12 @@ def test_triton_limits_and_fake_checks():
         with pytest.raises(TypeError, match=r"^q: expected dtype in \['torch.float16', 'torch.bfloat16', "
                                             r"'torch.float32'\], got torch.float64$"):
             fewstep.local_window_attention(q.double(), k.double(), v.double(), grid=(5, 7), n_text=3, radius=2.0)
-        with pytest.raises(ValueError, match=r"^q: expected head dim \(dim 3\) in \[16, 32, 64, 128, 256\] on the "
-                                             r"triton backend, got 24$"):
-            fewstep.local_window_attention(torch.randn(1, 4, 38, 24), torch.randn(1, 2, 38, 24),
-                                           torch.randn(1, 2, 38, 24), grid=(5, 7), n_text=3, radius=2.0)
+        for head_dim, row_bytes in [(18, 72), (264, 1056)]:  # rows TMA cannot address; wider than the tiles
+            with pytest.raises(ValueError, match=rf"^q: expected a head dim \(dim 3\) of at most 256 whose rows are a "
+                                                 rf"multiple of 16 bytes on the triton backend \(TMA\), got {head_dim} "
+                                                 rf"\({row_bytes} bytes in torch.float32\)$"):
+                fewstep.local_window_attention(torch.randn(1, 4, 38, head_dim), torch.randn(1, 2, 38, head_dim),
+                                               torch.randn(1, 2, 38, head_dim), grid=(5, 7), n_text=3, radius=2.0)
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:  # the fake impls check alike
         fq, fk, fv = mode.from_tensor(q), mode.from_tensor(k), mode.from_tensor(v)
         for op in (torch.ops.fewstep.local_window_attention_triton, torch.ops.fewstep.local_window_attention):
@@ -293,6 +295,28 @@ def test_triton_limits_and_fake_checks():
                 op(fq, fk, fv, None, None, 5, 7, 2, 2.0, -1, -1, 0.25)
         out, lse = torch.ops.fewstep.local_window_attention_triton(fq, fk, fv, None, None, 5, 7, 3, 2.0, -1, -1, 0.25)
         assert out.shape == q.shape and lse.shape == q.shape[:3] and lse.dtype == torch.float32
+
+
+@pytest.mark.skipif(not TRITON_HERE, reason="needs triton (under TRITON_INTERPRET=1 on CPU)")
+@pytest.mark.parametrize("head_dim,dtype", [(24, torch.float32), (40, torch.float16), (12, torch.float32)])
+def test_triton_head_dims_between_powers_of_two(head_dim, dtype):
+    """DiT's and PixArt's head dim 72 and the like: the kernels run at the next power of two, and the
+    descriptors read zeros past head_dim and clip the stores there, so no column past it is read
+    into a score or written into the next row."""
+    case = Case(2, 4, 2, head_dim, (7, 9), 5, n_extra=3, radius=3.5)
+    inputs = make_inputs(case, dtype, seed=head_dim, requires_grad=True)
+    kwargs = dict(**case.kwargs(), extra_k=inputs[3], extra_v=inputs[4])
+    out, lse = run_op("triton", case, *inputs)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    grads = torch.autograd.grad(out, list(inputs), grad_out.to(dtype))
+    ref_out, ref_lse = local_window_attention_reference(*inputs[:3], **kwargs)
+    same_out, same_lse = local_window_attention_reference(*inputs[:3], **kwargs, dtype=dtype)
+    assert_close_to_reference(out, ref_out, same_out, f"out[D={head_dim}]")
+    assert_close_to_reference(lse, ref_lse, same_lse, f"lse[D={head_dim}]")
+    ref = torch.autograd.grad(ref_out, list(inputs), grad_out)
+    same = torch.autograd.grad(same_out, list(inputs), grad_out.to(dtype))
+    for what, g, r, s in zip(["dq", "dk", "dv", "dextra_k", "dextra_v"], grads, ref, same):
+        assert_close_to_reference(g, r, s, f"{what}[D={head_dim}]")
 
 
 def test_no_cuda_cpp_kernel_is_reported():

@@ -135,7 +135,7 @@ def local_window_attention(
 
 
 # torch.ops.fewstep.local_window_attention_triton(_backward) (Triton is imported on first launch):
-# the same fakes, plus the Triton kernels' own limits (no float64, head dims), and the same autograd.
+# the same fakes, plus the Triton kernels' own limits (no float64, TMA-addressable head dims), and the same autograd.
 from fewstep.triton import local_window_attention as _triton_lwa  # noqa: E402
 
 

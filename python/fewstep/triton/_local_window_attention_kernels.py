@@ -19,7 +19,7 @@ import triton.language as tl
 # variants for values equal to 1 or divisible by 16): the pattern and the sizes.
 RUNTIME_INTS = ["heads", "group", "n_tokens", "n_text", "grid_h", "grid_w", "n_extra", "tiles_x",
                 "n_text_blocks", "n_image_tiles", "n_extra_blocks", "n_heads", "reach_y", "reach_x", "max_d2",
-                "n_rows"]
+                "n_rows", "head_dim"]
 jit = functools.partial(triton.jit, do_not_specialize=RUNTIME_INTS)
 LN2_INV = tl.constexpr(1.4426950408889634)  # 1 / ln 2
 
@@ -266,14 +266,22 @@ def forward_kernel(q_txt, q_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, o_txt
 
 
 @jit
-def delta_kernel(O, dO, Delta, n_rows, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
-    """delta = rowsum(dO * O) in fp32, over the flattened [B*heads*N] rows."""
+def delta_kernel(O, dO, Delta, n_rows, head_dim, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, PADDED: tl.constexpr):
+    """delta = rowsum(dO * O) in fp32, over the flattened [B*heads*N] rows of head_dim columns;
+    HEAD_DIM is head_dim rounded up to a power of two (PADDED when they differ; otherwise the row
+    stride is a compile-time constant and the loads stay vectorised)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = rows < n_rows
-    ptrs = rows[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
-    o = tl.load(O + ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
-    do = tl.load(dO + ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
-    tl.store(Delta + rows, tl.sum(o * do, 1), mask=ok)
+    cols = tl.arange(0, HEAD_DIM)
+    row_ok = rows < n_rows
+    if PADDED:
+        ok = row_ok[:, None] & (cols < head_dim)[None, :]
+        ptrs = rows[:, None] * head_dim + cols[None, :]
+    else:
+        ok = row_ok[:, None]
+        ptrs = rows[:, None] * HEAD_DIM + cols[None, :]
+    o = tl.load(O + ptrs, mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(dO + ptrs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(Delta + rows, tl.sum(o * do, 1), mask=row_ok)
 
 
 @triton.jit

@@ -32,7 +32,7 @@ from fewstep.ops.local_window_attention_checks import (check_backward_args, chec
                                                        lse_dtype_for)
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-HEAD_DIMS = (16, 32, 64, 128, 256)
+MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
 
 
@@ -79,11 +79,23 @@ def _kernels():
     return triton, kernels.forward_kernel, kernels.delta_kernel, kernels.kv_grad_kernel, kernels.q_grad_kernel
 
 
+def block_head_dim(head_dim: int) -> int:
+    """The kernels' block width for ``head_dim``: the next power of two, at least 16 (Triton's block
+    shapes are powers of two). The descriptors declare the true head dim, so TMA loads the columns
+    past it as zeros (adding nothing to q.k or to p.v) and clips the stores there: DiT's and
+    PixArt's 72 runs on the 128-wide kernels, with no padding copy and no other compilation."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
 def check_triton_args(q: torch.Tensor) -> None:
-    """What the Triton kernels add to the op's checks: no float64, a supported head dim."""
+    """What the Triton kernels add to the op's checks: no float64, a head dim whose rows TMA can
+    address (a multiple of 16 bytes) and that fits the kernels' tiles."""
     _checks.check_tensor("q", q, dtypes=DTYPES)
-    if q.dim() == 4 and q.shape[3] not in HEAD_DIMS:
-        raise ValueError(f"q: expected head dim (dim 3) in {list(HEAD_DIMS)} on the triton backend, got {q.shape[3]}")
+    if q.dim() == 4:
+        head_dim, row_bytes = q.shape[3], q.shape[3] * q.element_size()
+        if head_dim > MAX_HEAD_DIM or row_bytes % 16:
+            raise ValueError(f"q: expected a head dim (dim 3) of at most {MAX_HEAD_DIM} whose rows are a multiple of "
+                             f"16 bytes on the triton backend (TMA), got {head_dim} ({row_bytes} bytes in {q.dtype})")
 
 
 class _Pattern(NamedTuple):
@@ -120,20 +132,22 @@ def _tma_ready(t: torch.Tensor) -> torch.Tensor:
 
 def _sequence(t: torch.Tensor, rows: int, block: int):
     """Descriptor of rows 0..rows of a contiguous [B, heads, n, D] tensor as [B*heads, rows, D],
-    read and written in [1, block, D] blocks (zeros past ``rows``, stores clipped there)."""
+    read and written in [1, block, block_head_dim(D)] blocks (zeros past ``rows`` and past D, stores
+    clipped there)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
     batch, heads, n, head_dim = t.shape
     return TensorDescriptor(t, [batch * heads, max(rows, 1), head_dim], [n * head_dim, head_dim, 1],
-                            [1, block, head_dim])
+                            [1, block, block_head_dim(head_dim)])
 
 
 def _image(t: torch.Tensor, n_text: int, grid_h: int, grid_w: int, rows: int, cols: int):
     """Descriptor of the image tokens of a contiguous [B, heads, N, D] tensor as
-    [B*heads, grid_h, grid_w, D], in [1, rows, cols, D] tiles (zeros outside the grid, stores clipped)."""
+    [B*heads, grid_h, grid_w, D], in [1, rows, cols, block_head_dim(D)] tiles (zeros outside the
+    grid and past D, stores clipped there)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
     batch, heads, n, head_dim = t.shape
     return TensorDescriptor(t[:, :, n_text:], [batch * heads, grid_h, grid_w, head_dim],
-                            [n * head_dim, grid_w * head_dim, head_dim, 1], [1, rows, cols, head_dim])
+                            [n * head_dim, grid_w * head_dim, head_dim, 1], [1, rows, cols, block_head_dim(head_dim)])
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_k: Optional[torch.Tensor],
@@ -148,7 +162,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_k: Optional
     q, k, v = _tma_ready(q), _tma_ready(k), _tma_ready(v)
     batch, heads, n_tokens, head_dim = q.shape
     group = heads // k.shape[1]
-    tiles = kernel_tiles(head_dim, q.dtype).forward
+    block_d = block_head_dim(head_dim)
+    tiles = kernel_tiles(block_d, q.dtype).forward
     block_m, block_n = tiles.ty * tiles.tx, tiles.ky * tiles.kx
     n_extra, k_ext, v_ext = 0, None, None  # None: compiled out (fewer descriptors per launch)
     if extra_k is not None:  # checked non-empty
@@ -170,7 +185,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_k: Optional
             k_ext, v_ext, _sequence(out, n_text, block_m), _image(out, n_text, grid_h, grid_w, tiles.ty, tiles.tx), lse,
             heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x, n_text_blocks, n_image_tiles,
             batch * heads, pattern.reach_y, pattern.reach_x, pattern.max_d2, scale * LOG2E,
-            HEAD_DIM=head_dim, TY=tiles.ty, TX=tiles.tx, KY=tiles.ky, KX=tiles.kx, CIRCLE=pattern.circle,
+            HEAD_DIM=block_d, TY=tiles.ty, TX=tiles.tx, KY=tiles.ky, KX=tiles.kx, CIRCLE=pattern.circle,
             PRECISION=_precision(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out, lse
 
@@ -192,11 +207,12 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     group = heads // kv_heads
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     pattern = _pattern(grid_h, grid_w, radius, window_h, window_w)
-    tiles, q_tiles = kernel_tiles(head_dim, q.dtype)[1:]
+    block_d = block_head_dim(head_dim)
+    tiles, q_tiles = kernel_tiles(block_d, q.dtype)[1:]
     precision = _precision(q.dtype)
     delta = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     n_rows = batch * heads * n_tokens
-    delta_block = max(16, 4096 // head_dim)
+    delta_block = max(16, 4096 // block_d)
     block_m, block_n = tiles.ty * tiles.tx, tiles.ky * tiles.kx
     if extra_k is not None:  # checked non-empty
         extra_k, extra_v = _tma_ready(extra_k), _tma_ready(extra_v)
@@ -209,8 +225,8 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         n_extra = 0
         extras = [None] * 4  # compiled out
     with _device_guard(q):
-        delta_kernel[(triton.cdiv(n_rows, delta_block),)](out, grad_out, delta, n_rows, HEAD_DIM=head_dim,
-                                                          BLOCK=delta_block)
+        delta_kernel[(triton.cdiv(n_rows, delta_block),)](out, grad_out, delta, n_rows, head_dim, HEAD_DIM=block_d,
+                                                          BLOCK=delta_block, PADDED=block_d != head_dim)
         key_tiles_x = triton.cdiv(grid_w, tiles.kx)
         n_image_key_tiles = triton.cdiv(grid_h, tiles.ky) * key_tiles_x
         n_text_key_blocks = triton.cdiv(n_text, block_n)
@@ -225,7 +241,7 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
             lse, delta, heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, key_tiles_x, n_text_key_blocks,
             n_image_key_tiles, n_extra_key_blocks, batch * kv_heads, pattern.reach_y, pattern.reach_x, pattern.max_d2,
             scale * LOG2E, scale,
-            HEAD_DIM=head_dim, TY=tiles.ty, TX=tiles.tx, KY=tiles.ky, KX=tiles.kx, CIRCLE=pattern.circle,
+            HEAD_DIM=block_d, TY=tiles.ty, TX=tiles.tx, KY=tiles.ky, KX=tiles.kx, CIRCLE=pattern.circle,
             PRECISION=precision, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
         block_m, block_n = q_tiles.ty * q_tiles.tx, q_tiles.ky * q_tiles.kx
         key_tile = dict(n_text=n_text, grid_h=grid_h, grid_w=grid_w, rows=q_tiles.ky, cols=q_tiles.kx)
@@ -242,7 +258,7 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
             _image(dq, **query_tile), lse, delta, heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, q_tiles_x,
             n_text_query_blocks, n_image_query_tiles, batch * heads, pattern.reach_y, pattern.reach_x, pattern.max_d2,
             scale * LOG2E, scale,
-            HEAD_DIM=head_dim, TY=q_tiles.ty, TX=q_tiles.tx, KY=q_tiles.ky, KX=q_tiles.kx, CIRCLE=pattern.circle,
+            HEAD_DIM=block_d, TY=q_tiles.ty, TX=q_tiles.tx, KY=q_tiles.ky, KX=q_tiles.kx, CIRCLE=pattern.circle,
             PRECISION=precision, num_warps=q_tiles.num_warps, num_stages=q_tiles.num_stages)
     return dq, dk, dv, dextra_k, dextra_v
 
