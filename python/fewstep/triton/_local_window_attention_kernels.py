@@ -219,8 +219,7 @@ def attend_contiguous(acc, m_i, l_i, q, k_desc, v_desc, kv_bh, n_keys, qk_scale,
 def forward_kernel(q_txt, q_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, o_txt, o_img, Lse, heads, group,
                    n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x, n_text_blocks, n_image_tiles, n_heads,
                    reach_y, reach_x, max_d2, qk_scale, HEAD_DIM: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr,
-                   KY: tl.constexpr, KX: tl.constexpr, CIRCLE: tl.constexpr, PRECISION: tl.constexpr,
-                   HAS_TEXT: tl.constexpr):
+                   KY: tl.constexpr, KX: tl.constexpr, CIRCLE: tl.constexpr, PRECISION: tl.constexpr):
     BLOCK_M: tl.constexpr = TY * TX
     BLOCK_N: tl.constexpr = KY * KX
     tile, bh = program_block(n_text_blocks, n_image_tiles, 0, n_heads)
@@ -229,7 +228,7 @@ def forward_kernel(q_txt, q_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, o_txt
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: a fully masked block gives p = 0, not NaN
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    if HAS_TEXT and tile < n_text_blocks:  # text queries see every key (without text: compiled out)
+    if tile < n_text_blocks:  # text queries see every key
         row0 = tile * BLOCK_M
         q = load_block(q_txt, bh, row0, BLOCK_M, HEAD_DIM)
         acc, m_i, l_i = attend_contiguous(acc, m_i, l_i, q, k_seq, v_seq, kv_bh, n_tokens, qk_scale, BLOCK_N,
@@ -241,9 +240,8 @@ def forward_kernel(q_txt, q_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, o_txt
     else:
         qy0, qx0, qy, qx = image_tile(tile - n_text_blocks, tiles_x, TY, TX)
         q = load_tile(q_img, bh, qy0, qx0, TY, TX, HEAD_DIM)
-        if HAS_TEXT:
-            acc, m_i, l_i = attend_contiguous(acc, m_i, l_i, q, k_seq, v_seq, kv_bh, n_text, qk_scale, BLOCK_N,
-                                              HEAD_DIM, PRECISION)
+        acc, m_i, l_i = attend_contiguous(acc, m_i, l_i, q, k_seq, v_seq, kv_bh, n_text, qk_scale, BLOCK_N,
+                                          HEAD_DIM, PRECISION)
         qy1, qx1, ky0, kx0, kx_end, n_key_tiles = walk_start(qy0, qx0, grid_h, grid_w, reach_y, reach_x, max_d2,
                                                              TY, TX, KY, KX, CIRCLE)
         for _ in range(n_key_tiles):
@@ -324,7 +322,7 @@ def kv_grad_kernel(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_img, k_e
                    dk_img, dv_img, dk_ext, dv_ext, Lse, Delta, heads, group, n_tokens, n_text, grid_h, grid_w,
                    n_extra, tiles_x, n_text_blocks, n_image_tiles, n_extra_blocks, n_heads, reach_y, reach_x, max_d2,
                    qk_scale, scale, HEAD_DIM: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr, KY: tl.constexpr,
-                   KX: tl.constexpr, CIRCLE: tl.constexpr, PRECISION: tl.constexpr, HAS_TEXT: tl.constexpr):
+                   KX: tl.constexpr, CIRCLE: tl.constexpr, PRECISION: tl.constexpr):
     """One program per key block and (batch, kv head): text key blocks, 2-D image key tiles and
     extra key blocks; sums over the query heads of the kv head's group."""
     BLOCK_M: tl.constexpr = TY * TX
@@ -334,7 +332,7 @@ def kv_grad_kernel(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_img, k_e
     first_bh = (kv_bh // kv_heads) * heads + (kv_bh % kv_heads) * group
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    if HAS_TEXT and tile < n_text_blocks:  # text keys: every query row admits them
+    if tile < n_text_blocks:  # text keys: every query row admits them
         col0 = tile * BLOCK_N
         k = load_block(k_txt, kv_bh, col0, BLOCK_N, HEAD_DIM)
         v = load_block(v_txt, kv_bh, col0, BLOCK_N, HEAD_DIM)
@@ -351,9 +349,9 @@ def kv_grad_kernel(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_img, k_e
             ky0, kx0, grid_h, grid_w, reach_y, reach_x, max_d2, KY, KX, TY, TX, CIRCLE)
         for g in range(group):
             bh = first_bh + g
-            if HAS_TEXT:  # text queries see every image key
-                dk, dv = kv_grad_contiguous(dk, dv, k, v, q_seq, do_seq, Lse, Delta, bh, n_tokens, 0, n_text,
-                                            qk_scale, BLOCK_M, HEAD_DIM, PRECISION)
+            # text queries see every image key
+            dk, dv = kv_grad_contiguous(dk, dv, k, v, q_seq, do_seq, Lse, Delta, bh, n_tokens, 0, n_text,
+                                        qk_scale, BLOCK_M, HEAD_DIM, PRECISION)
             qy0, qx0, qx_end = qy_first, qx_first, qx_end_first
             for _ in range(n_query_tiles):
                 qy, qx = tile_positions(qy0, qx0, TY, TX)
@@ -415,7 +413,7 @@ def q_grad_kernel(q_txt, do_txt, q_img, do_img, k_seq, v_seq, k_img, v_img, k_ex
                   heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x, n_text_blocks, n_image_tiles,
                   n_heads, reach_y, reach_x, max_d2, qk_scale, scale, HEAD_DIM: tl.constexpr, TY: tl.constexpr,
                   TX: tl.constexpr, KY: tl.constexpr, KX: tl.constexpr, CIRCLE: tl.constexpr,
-                  PRECISION: tl.constexpr, HAS_TEXT: tl.constexpr):
+                  PRECISION: tl.constexpr):
     """One program per query tile (as the forward) and (batch, head)."""
     BLOCK_M: tl.constexpr = TY * TX
     BLOCK_N: tl.constexpr = KY * KX
@@ -423,7 +421,7 @@ def q_grad_kernel(q_txt, do_txt, q_img, do_img, k_seq, v_seq, k_img, v_img, k_ex
     kv_bh = kv_head(bh, heads, group)
     offs_m = tl.arange(0, BLOCK_M)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    if HAS_TEXT and tile < n_text_blocks:
+    if tile < n_text_blocks:
         row0 = tile * BLOCK_M
         rows = row0 + offs_m
         lse2, delta = row_stats(Lse, Delta, bh, n_tokens, rows, rows < n_text)
@@ -437,9 +435,8 @@ def q_grad_kernel(q_txt, do_txt, q_img, do_img, k_seq, v_seq, k_img, v_img, k_ex
         lse2, delta = row_stats(Lse, Delta, bh, n_tokens, n_text + qy * grid_w + qx, (qy < grid_h) & (qx < grid_w))
         q = load_tile(q_img, bh, qy0, qx0, TY, TX, HEAD_DIM)
         do = load_tile(do_img, bh, qy0, qx0, TY, TX, HEAD_DIM)
-        if HAS_TEXT:
-            dq = q_grad_contiguous(dq, q, do, lse2, delta, k_seq, v_seq, kv_bh, n_text, qk_scale, BLOCK_N,
-                                   HEAD_DIM, PRECISION)
+        dq = q_grad_contiguous(dq, q, do, lse2, delta, k_seq, v_seq, kv_bh, n_text, qk_scale, BLOCK_N, HEAD_DIM,
+                               PRECISION)
         qy1, qx1, ky0, kx0, kx_end, n_key_tiles = walk_start(qy0, qx0, grid_h, grid_w, reach_y, reach_x, max_d2,
                                                              TY, TX, KY, KX, CIRCLE)
         for _ in range(n_key_tiles):

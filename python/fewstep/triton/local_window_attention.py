@@ -140,12 +140,6 @@ def _sequence(t: torch.Tensor, rows: int, block: int):
                             [1, block, block_head_dim(head_dim)])
 
 
-def _sequence_if(needed: bool, t: torch.Tensor, rows: int, block: int):
-    """``_sequence(t, rows, block)`` where the kernel reads it, else None: without text tokens the
-    kernels' text code is compiled out (HAS_TEXT), and a call builds no descriptor for it."""
-    return _sequence(t, rows, block) if needed else None
-
-
 def _image(t: torch.Tensor, n_text: int, grid_h: int, grid_w: int, rows: int, cols: int):
     """Descriptor of the image tokens of a contiguous [B, heads, N, D] tensor as
     [B*heads, grid_h, grid_w, D], in [1, rows, cols, block_head_dim(D)] tiles (zeros outside the
@@ -182,18 +176,17 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_k: Optional
     tiles_x = triton.cdiv(grid_w, tiles.tx)
     n_text_blocks = triton.cdiv(n_text, block_m)
     n_image_tiles = triton.cdiv(grid_h, tiles.ty) * tiles_x
-    has_text = n_text > 0
     with _device_guard(q):
         forward_kernel[((n_text_blocks + n_image_tiles) * batch * heads,)](
-            _sequence_if(has_text, q, n_text, block_m), _image(q, n_text, grid_h, grid_w, tiles.ty, tiles.tx),
-            _sequence_if(has_text, k, n_tokens, block_n), _sequence_if(has_text, v, n_tokens, block_n),
+            _sequence(q, n_text, block_m), _image(q, n_text, grid_h, grid_w, tiles.ty, tiles.tx),
+            _sequence(k, n_tokens, block_n), _sequence(v, n_tokens, block_n),
             _image(k, n_text, grid_h, grid_w, tiles.ky, tiles.kx),
-            _image(v, n_text, grid_h, grid_w, tiles.ky, tiles.kx), k_ext, v_ext,
-            _sequence_if(has_text, out, n_text, block_m), _image(out, n_text, grid_h, grid_w, tiles.ty, tiles.tx), lse,
+            _image(v, n_text, grid_h, grid_w, tiles.ky, tiles.kx),
+            k_ext, v_ext, _sequence(out, n_text, block_m), _image(out, n_text, grid_h, grid_w, tiles.ty, tiles.tx), lse,
             heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x, n_text_blocks, n_image_tiles,
             batch * heads, pattern.reach_y, pattern.reach_x, pattern.max_d2, scale * LOG2E,
             HEAD_DIM=block_d, TY=tiles.ty, TX=tiles.tx, KY=tiles.ky, KX=tiles.kx, CIRCLE=pattern.circle,
-            PRECISION=_precision(q.dtype), HAS_TEXT=has_text, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+            PRECISION=_precision(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out, lse
 
 
@@ -217,7 +210,6 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     block_d = block_head_dim(head_dim)
     tiles, q_tiles = kernel_tiles(block_d, q.dtype)[1:]
     precision = _precision(q.dtype)
-    has_text = n_text > 0
     delta = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     n_rows = batch * heads * n_tokens
     delta_block = max(16, 4096 // block_d)
@@ -241,18 +233,16 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         n_extra_key_blocks = triton.cdiv(n_extra, block_n)
         key_tile = dict(n_text=n_text, grid_h=grid_h, grid_w=grid_w, rows=tiles.ky, cols=tiles.kx)
         query_tile = dict(n_text=n_text, grid_h=grid_h, grid_w=grid_w, rows=tiles.ty, cols=tiles.tx)
-        query_rows = has_text or n_extra > 0  # text queries, and the image queries of extra keys
         kv_grad_kernel[((n_text_key_blocks + n_image_key_tiles + n_extra_key_blocks) * batch * kv_heads,)](
-            _sequence_if(query_rows, q, n_tokens, block_m), _sequence_if(query_rows, grad_out, n_tokens, block_m),
-            _image(q, **query_tile), _image(grad_out, **query_tile), _sequence_if(has_text, k, n_text, block_n),
-            _sequence_if(has_text, v, n_text, block_n), _image(k, **key_tile), _image(v, **key_tile), extras[0],
-            extras[1], _sequence_if(has_text, dk, n_text, block_n), _sequence_if(has_text, dv, n_text, block_n),
-            _image(dk, **key_tile), _image(dv, **key_tile), extras[2], extras[3],
+            _sequence(q, n_tokens, block_m), _sequence(grad_out, n_tokens, block_m), _image(q, **query_tile),
+            _image(grad_out, **query_tile), _sequence(k, n_text, block_n), _sequence(v, n_text, block_n),
+            _image(k, **key_tile), _image(v, **key_tile), extras[0], extras[1], _sequence(dk, n_text, block_n),
+            _sequence(dv, n_text, block_n), _image(dk, **key_tile), _image(dv, **key_tile), extras[2], extras[3],
             lse, delta, heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, key_tiles_x, n_text_key_blocks,
             n_image_key_tiles, n_extra_key_blocks, batch * kv_heads, pattern.reach_y, pattern.reach_x, pattern.max_d2,
             scale * LOG2E, scale,
             HEAD_DIM=block_d, TY=tiles.ty, TX=tiles.tx, KY=tiles.ky, KX=tiles.kx, CIRCLE=pattern.circle,
-            PRECISION=precision, HAS_TEXT=has_text, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+            PRECISION=precision, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
         block_m, block_n = q_tiles.ty * q_tiles.tx, q_tiles.ky * q_tiles.kx
         key_tile = dict(n_text=n_text, grid_h=grid_h, grid_w=grid_w, rows=q_tiles.ky, cols=q_tiles.kx)
         query_tile = dict(n_text=n_text, grid_h=grid_h, grid_w=grid_w, rows=q_tiles.ty, cols=q_tiles.tx)
@@ -262,15 +252,14 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         k_ext, v_ext = ((_sequence(extra_k, n_extra, block_n), _sequence(extra_v, n_extra, block_n)) if n_extra
                         else (None, None))
         q_grad_kernel[((n_text_query_blocks + n_image_query_tiles) * batch * heads,)](
-            _sequence_if(has_text, q, n_text, block_m), _sequence_if(has_text, grad_out, n_text, block_m),
-            _image(q, **query_tile), _image(grad_out, **query_tile), _sequence_if(has_text, k, n_tokens, block_n),
-            _sequence_if(has_text, v, n_tokens, block_n), _image(k, **key_tile), _image(v, **key_tile), k_ext, v_ext,
-            _sequence_if(has_text, dq, n_text, block_m),
+            _sequence(q, n_text, block_m), _sequence(grad_out, n_text, block_m), _image(q, **query_tile),
+            _image(grad_out, **query_tile), _sequence(k, n_tokens, block_n), _sequence(v, n_tokens, block_n),
+            _image(k, **key_tile), _image(v, **key_tile), k_ext, v_ext, _sequence(dq, n_text, block_m),
             _image(dq, **query_tile), lse, delta, heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, q_tiles_x,
             n_text_query_blocks, n_image_query_tiles, batch * heads, pattern.reach_y, pattern.reach_x, pattern.max_d2,
             scale * LOG2E, scale,
             HEAD_DIM=block_d, TY=q_tiles.ty, TX=q_tiles.tx, KY=q_tiles.ky, KX=q_tiles.kx, CIRCLE=pattern.circle,
-            PRECISION=precision, HAS_TEXT=has_text, num_warps=q_tiles.num_warps, num_stages=q_tiles.num_stages)
+            PRECISION=precision, num_warps=q_tiles.num_warps, num_stages=q_tiles.num_stages)
     return dq, dk, dv, dextra_k, dextra_v
 
 
