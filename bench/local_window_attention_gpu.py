@@ -42,11 +42,11 @@ class Shape(NamedTuple):
 
 CASES = [Shape(64, 512, 16, True), Shape(64, 512, 8, True), Shape(128, 512, 16, True), Shape(128, 512, 8, True),
          Shape(256, 512, 16, False)]
-# Other models' attention shapes (suite local_window_attention_models): PixArt-Sigma at 1024^2 (16 heads of 72,
-# up to 300 T5 tokens), DiT-XL/2 at 512^2 (16 heads of 72, no text), SD3-medium at 1024^2 (24 heads of 64,
-# 77 + 256 text tokens).
-MODEL_CASES = [Shape(64, 300, 16, True, 16, 72, "PixArt-Sigma 1024px"), Shape(32, 0, 8, True, 16, 72, "DiT-XL/2 512px"),
-               Shape(64, 333, 16, True, 24, 64, "SD3-medium 1024px")]
+# Other models' attention shapes (suite local_window_attention_models): DiT's and PixArt's 16 heads of 72 at
+# 64x64 tokens with 300 joint text tokens (PixArt itself takes its text through cross-attention), DiT-XL/2 at
+# 512^2 (16 heads of 72, no text), SD3-medium at 1024^2 (24 heads of 64, 77 + 256 text tokens).
+MODEL_CASES = [Shape(64, 300, 16, True, 16, 72, "16 heads of 72 (DiT, PixArt), joint text"),
+               Shape(32, 0, 8, True, 16, 72, "DiT-XL/2 512px"), Shape(64, 333, 16, True, 24, 64, "SD3-medium 1024px")]
 TILE_Y, TILE_X = 8, 16  # FlexAttention's 2-D-tiled order: 128-token blocks of 8 x 16 grid positions
 
 

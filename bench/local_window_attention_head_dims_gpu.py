@@ -1,7 +1,7 @@
 """What a head dim between powers of two costs on the GPU: device time of the forward and of the
 backward (CUDA-graph replay), per-kernel times and dense SDPA's forward at the same shape, for
-head dims 64, 72, 80, 96 and 128 at PixArt-Sigma's 1024px attention (64x64 image tokens + 300
-text tokens, 16 heads, bf16, r=16). 72 to 96 run on the 128-wide kernels (block_head_dim).
+head dims 64, 72, 80, 96 and 128 with DiT's and PixArt's 16 heads at 64x64 image tokens + 300 text
+tokens (bf16, r=16). 72 to 96 run on the 128-wide kernels (block_head_dim).
 
 Usage: ``python bench/local_window_attention_head_dims_gpu.py [--out DIR]``; writes
 ``DIR/local_window_attention_head_dims.json``."""

@@ -28,7 +28,7 @@ from local_window_attention_tiles_gpu import kernel_times, training_inputs, writ
 
 from fewstep.triton import local_window_attention as lwa  # noqa: E402
 
-SHAPES = [(64, 512, 16.0), (64, 512, 8.0), (128, 512, 16.0)]  # grid side, text tokens, radius
+SHAPES = [(64, 512, 16.0), (64, 512, 8.0), (128, 512, 16.0), (64, 0, 16.0)]  # grid side, text tokens, radius
 KERNEL_NAMES = ("forward_kernel", "delta_kernel", "kv_grad_kernel", "q_grad_kernel")
 
 

@@ -24,6 +24,7 @@ CASES = {  # odd grids (the GPU tiles are 8x8 queries and keys, 4x8 queries and 
     "13x17 window batch 2": Case(2, 2, 2, 64, (13, 17), 7, window=(2, 3)),
     "40x33 text r16 (inside tiles)": Case(1, 3, 1, 128, (40, 33), 77, radius=16.0),
     "21x45 image only r=sqrt(8)": Case(1, 2, 1, 64, (21, 45), 0, n_extra=3, radius=math.sqrt(8)),
+    "19x23 image only, no extra tokens": Case(1, 4, 2, 64, (19, 23), 0, radius=6.0),  # text code compiled out
 }
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
