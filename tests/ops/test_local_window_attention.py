@@ -326,24 +326,28 @@ def test_no_cuda_cpp_kernel_is_reported():
 
 
 @pytest.mark.skipif(not TRITON_HERE, reason="needs triton (under TRITON_INTERPRET=1 on CPU)")
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_triton_gpu_tile_sizes_under_interpreter(monkeypatch, head_dim):
+@pytest.mark.parametrize("head_dim,case", [
+    (64, Case(1, 2, 1, 64, (19, 37), 9, n_extra=3, radius=5.5)),
+    (128, Case(1, 2, 1, 128, (19, 37), 9, n_extra=3, radius=5.5)),
+    (64, Case(1, 4, 2, 64, (19, 23), 0, radius=6.0)),  # the GPU case without text and extra tokens
+], ids=["64", "128", "64-image-only"])
+def test_triton_gpu_tile_sizes_under_interpreter(monkeypatch, head_dim, case):
     """The 16-bit GPU tiles of kernel_tiles (8x8 queries and keys; 4x8 queries against 8x8 keys in
     dK/dV), run by the interpreter."""
     import fewstep.triton.local_window_attention as triton_lwa
     monkeypatch.setattr(triton_lwa, "_interpreted", lambda: False)
-    case = Case(1, 2, 1, head_dim, (19, 37), 9, n_extra=3, radius=5.5)
     inputs = make_inputs(case, torch.float16, seed=head_dim, requires_grad=True)
     q, k, v, ek, ev = inputs
+    leaves = [t for t in inputs if t is not None]
     kwargs = dict(**case.kwargs(), extra_k=ek, extra_v=ev)
     out, lse = run_op("triton", case, *inputs)
     grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    grads = torch.autograd.grad(out, list(inputs), grad_out.half())
+    grads = torch.autograd.grad(out, leaves, grad_out.half())
     ref_out, ref_lse = local_window_attention_reference(q, k, v, **kwargs)
     same_out, same_lse = local_window_attention_reference(q, k, v, **kwargs, dtype=torch.float16)
     assert_close_to_reference(out, ref_out, same_out, "out")
     assert_close_to_reference(lse, ref_lse, same_lse, "lse")
-    ref = torch.autograd.grad(ref_out, list(inputs), grad_out)
-    same = torch.autograd.grad(same_out, list(inputs), grad_out.half())
+    ref = torch.autograd.grad(ref_out, leaves, grad_out)
+    same = torch.autograd.grad(same_out, leaves, grad_out.half())
     for what, g, r, s in zip(["dq", "dk", "dv", "dextra_k", "dextra_v"], grads, ref, same):
         assert_close_to_reference(g, r, s, what)
