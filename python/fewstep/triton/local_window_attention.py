@@ -83,7 +83,8 @@ def block_head_dim(head_dim: int) -> int:
     """The kernels' block width for ``head_dim``: the next power of two, at least 16 (Triton's block
     shapes are powers of two). The descriptors declare the true head dim, so TMA loads the columns
     past it as zeros (adding nothing to q.k or to p.v) and clips the stores there: DiT's and
-    PixArt's 72 runs on the 128-wide kernels, with no padding copy and no other compilation."""
+    PixArt's 72 runs on the 128-wide attention kernels with no padding copy (the delta kernel
+    compiles one more variant, shared by every head dim between powers of two)."""
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
