@@ -14,6 +14,7 @@ from helpers import HAS_CUDA, HAS_TRITON, assert_close_to_reference, poison_allo
 from local_window_cases import Case
 
 import fewstep
+from fewstep.triton import local_window_attention as triton_lwa
 from fewstep.reference.local_window_attention import local_window_attention_reference
 
 pytestmark = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="no CUDA device (or no triton): GPU test skipped")
@@ -68,6 +69,41 @@ def test_forward_lse_and_gradients_match_reference(name, dtype, head_dim):
     for what, g, r, s in zip(["dq", "dk", "dv", "dextra_k", "dextra_v"], grads, ref, same):
         assert g.dtype == dtype and g.shape == r.shape
         assert_close_to_reference(g, r, s, what + tag)
+
+
+# The Gluon forward's edge cases on top of CASES: a single key block (fewer blocks than its
+# pipeline's stages), and text and extra tokens spanning several 64-row blocks with a partial last one.
+GLUON_CASES = {**CASES, "3x5 one key block": Case(1, 2, 1, 64, (3, 5), 0, radius=2.0),
+               "9x70 long text and extras, window": Case(2, 4, 2, 64, (9, 70), 200, n_extra=70, window=(3, 9))}
+
+
+@pytest.mark.parametrize("head_dim", [64, 72, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", list(GLUON_CASES))
+def test_gluon_forward_matches_reference(name, dtype, head_dim):
+    """The Gluon sm_90 forward (the default forward for 16-bit inputs up to D = 128 on Hopper)
+    against the float64 reference, next to the Triton forward kernel on the same inputs."""
+    case = replace(GLUON_CASES[name], head_dim=head_dim)
+    q, k, v, ek, ev = make_inputs(case, dtype, seed=zlib.crc32(name.encode()) + head_dim)
+    if not triton_lwa.gluon_forward_supported(q):
+        pytest.skip(f"the Gluon forward needs an sm_90 GPU, this is {torch.cuda.get_device_name()}")
+    kwargs = dict(**case.kwargs(), extra_k=ek, extra_v=ev)
+    ref_out, ref_lse = local_window_attention_reference(q, k, v, **kwargs)
+    same_out, same_lse = local_window_attention_reference(q, k, v, **kwargs, dtype=dtype)
+    tag = f"[{name},{dtype},D={head_dim}]"
+    for gluon in (True, False):
+        poison_allocator(q)
+        out, lse = triton_lwa.launch_forward(gluon, q, k, v, ek, ev, *case.pattern())
+        assert_close_to_reference(out, ref_out, same_out, f"out{tag} gluon={gluon}")
+        assert_close_to_reference(lse, ref_lse, same_lse, f"lse{tag} gluon={gluon}")
+
+
+def test_gluon_forward_is_the_default_on_hopper():
+    q = torch.randn(1, 2, 64, 128, device="cuda", dtype=torch.bfloat16)
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    assert triton_lwa.gluon_forward_supported(q) == hopper
+    assert not triton_lwa.gluon_forward_supported(q.float())
+    assert not triton_lwa.gluon_forward_supported(torch.randn(1, 2, 64, 256, device="cuda", dtype=torch.bfloat16))
 
 
 @pytest.mark.parametrize("head_dim", [32, 40, 72, 80, 96, 256])  # 72: DiT, PixArt; 40, 80, 96: between powers of two

@@ -23,6 +23,7 @@ import contextlib
 import functools
 import math
 import os
+import sys
 from typing import NamedTuple, Optional
 
 import torch
@@ -43,6 +44,11 @@ class Tiles(NamedTuple):
     kx: int  # key tile columns
     num_warps: int
     num_stages: int
+
+
+# The Gluon forward's fixed tiles: 8x8 queries (one warpgroup) against 8x8 key tiles and 64-row
+# blocks, K and V in a ring of three shared-memory slots (num_stages).
+GLUON_FORWARD_TILES = Tiles(8, 8, 8, 8, 4, 3)
 
 
 class KernelTiles(NamedTuple):
@@ -131,63 +137,101 @@ def _tma_ready(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
-def _sequence(t: torch.Tensor, rows: int, block: int):
+def _descriptor(base: torch.Tensor, shape: list, strides: list, block: list, gluon: bool):
+    """A host-built TMA descriptor: Triton's, or Gluon's, which also carries the shared-memory layout
+    of its blocks (the swizzled layout wgmma reads)."""
+    if gluon:
+        from triton.experimental.gluon import language as gl
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+        element = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[base.dtype]
+        return TensorDescriptor(base, shape, strides, block, gl.NVMMASharedLayout.get_default_for(block, element))
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    return TensorDescriptor(base, shape, strides, block)
+
+
+def _sequence(t: torch.Tensor, rows: int, block: int, gluon: bool = False):
     """Descriptor of rows 0..rows of a contiguous [B, heads, n, D] tensor as [B*heads, rows, D],
     read and written in [1, block, block_head_dim(D)] blocks (zeros past ``rows`` and past D, stores
     clipped there)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
     batch, heads, n, head_dim = t.shape
-    return TensorDescriptor(t, [batch * heads, max(rows, 1), head_dim], [n * head_dim, head_dim, 1],
-                            [1, block, block_head_dim(head_dim)])
+    return _descriptor(t, [batch * heads, max(rows, 1), head_dim], [n * head_dim, head_dim, 1],
+                       [1, block, block_head_dim(head_dim)], gluon)
 
 
-def _image(t: torch.Tensor, n_text: int, grid_h: int, grid_w: int, rows: int, cols: int):
+def _image(t: torch.Tensor, n_text: int, grid_h: int, grid_w: int, rows: int, cols: int, gluon: bool = False):
     """Descriptor of the image tokens of a contiguous [B, heads, N, D] tensor as
     [B*heads, grid_h, grid_w, D], in [1, rows, cols, block_head_dim(D)] tiles (zeros outside the
     grid and past D, stores clipped there)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
     batch, heads, n, head_dim = t.shape
-    return TensorDescriptor(t[:, :, n_text:], [batch * heads, grid_h, grid_w, head_dim],
-                            [n * head_dim, grid_w * head_dim, head_dim, 1], [1, rows, cols, block_head_dim(head_dim)])
+    return _descriptor(t[:, :, n_text:], [batch * heads, grid_h, grid_w, head_dim],
+                       [n * head_dim, grid_w * head_dim, head_dim, 1], [1, rows, cols, block_head_dim(head_dim)],
+                       gluon)
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_k: Optional[torch.Tensor],
             extra_v: Optional[torch.Tensor], grid_h: int, grid_w: int, n_text: int, radius: float, window_h: int,
             window_w: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse): checks the arguments and launches the forward kernel. The op
-    ``fewstep::local_window_attention_triton`` runs this; eager autograd calls it directly
-    (fewstep.ops.local_window_attention)."""
+    """(out, lse): checks the arguments and launches the forward kernel (the Gluon one where
+    ``gluon_forward_supported``). The op ``fewstep::local_window_attention_triton`` runs this; eager
+    autograd calls it directly (fewstep.ops.local_window_attention)."""
     check_triton_args(q)
     check_forward_args(q, k, v, extra_k, extra_v, grid_h, grid_w, n_text, radius, window_h, window_w, scale)
+    return launch_forward(gluon_forward_supported(q), q, k, v, extra_k, extra_v, grid_h, grid_w, n_text, radius,
+                          window_h, window_w, scale)
+
+
+@functools.cache
+def _is_sm90(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) == (9, 0)
+
+
+def gluon_forward_supported(q: torch.Tensor) -> bool:
+    """Whether the Gluon forward (``_local_window_attention_gluon``, Hopper only) runs ``q``: fp16 or
+    bf16 with head dims up to 128 on an sm_90 GPU. fp32, D > 128, other GPUs and the interpreter
+    run the Triton forward kernel."""
+    return (q.is_cuda and not _interpreted() and q.dtype in (torch.float16, torch.bfloat16)
+            and block_head_dim(q.shape[3]) <= 128 and _is_sm90(q.device.index or 0))
+
+
+def launch_forward(gluon: bool, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_k: Optional[torch.Tensor],
+                   extra_v: Optional[torch.Tensor], grid_h: int, grid_w: int, n_text: int, radius: float,
+                   window_h: int, window_w: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launches the Gluon (``gluon``) or the Triton forward kernel on checked arguments."""
     triton, forward_kernel, *_ = _kernels()
+    if gluon:
+        from fewstep.triton._local_window_attention_gluon import forward_kernel_sm90 as forward_kernel
     q, k, v = _tma_ready(q), _tma_ready(k), _tma_ready(v)
     batch, heads, n_tokens, head_dim = q.shape
     group = heads // k.shape[1]
     block_d = block_head_dim(head_dim)
-    tiles = kernel_tiles(block_d, q.dtype).forward
+    tiles = GLUON_FORWARD_TILES if gluon else kernel_tiles(block_d, q.dtype).forward
     block_m, block_n = tiles.ty * tiles.tx, tiles.ky * tiles.kx
     n_extra, k_ext, v_ext = 0, None, None  # None: compiled out (fewer descriptors per launch)
     if extra_k is not None:  # checked non-empty
         extra_k, extra_v = _tma_ready(extra_k), _tma_ready(extra_v)
         n_extra = extra_k.shape[2]
-        k_ext, v_ext = _sequence(extra_k, n_extra, block_n), _sequence(extra_v, n_extra, block_n)
+        k_ext, v_ext = _sequence(extra_k, n_extra, block_n, gluon), _sequence(extra_v, n_extra, block_n, gluon)
     pattern = _pattern(grid_h, grid_w, radius, window_h, window_w)
     out = torch.empty_like(q)
     lse = q.new_empty(q.shape[:3], dtype=lse_dtype_for(q.dtype))
     tiles_x = triton.cdiv(grid_w, tiles.tx)
     n_text_blocks = triton.cdiv(n_text, block_m)
     n_image_tiles = triton.cdiv(grid_h, tiles.ty) * tiles_x
-    with _device_guard(q):
-        forward_kernel[((n_text_blocks + n_image_tiles) * batch * heads,)](
-            _sequence(q, n_text, block_m), _image(q, n_text, grid_h, grid_w, tiles.ty, tiles.tx),
-            _sequence(k, n_tokens, block_n), _sequence(v, n_tokens, block_n),
-            _image(k, n_text, grid_h, grid_w, tiles.ky, tiles.kx),
-            _image(v, n_text, grid_h, grid_w, tiles.ky, tiles.kx),
-            k_ext, v_ext, _sequence(out, n_text, block_m), _image(out, n_text, grid_h, grid_w, tiles.ty, tiles.tx), lse,
+    query_tile = dict(n_text=n_text, grid_h=grid_h, grid_w=grid_w, rows=tiles.ty, cols=tiles.tx, gluon=gluon)
+    key_tile = dict(n_text=n_text, grid_h=grid_h, grid_w=grid_w, rows=tiles.ky, cols=tiles.kx, gluon=gluon)
+    args = (_sequence(q, n_text, block_m, gluon), _image(q, **query_tile), _sequence(k, n_tokens, block_n, gluon),
+            _sequence(v, n_tokens, block_n, gluon), _image(k, **key_tile), _image(v, **key_tile), k_ext, v_ext,
+            _sequence(out, n_text, block_m, gluon), _image(out, **query_tile), lse,
             heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x, n_text_blocks, n_image_tiles,
-            batch * heads, pattern.reach_y, pattern.reach_x, pattern.max_d2, scale * LOG2E,
-            HEAD_DIM=block_d, TY=tiles.ty, TX=tiles.tx, KY=tiles.ky, KX=tiles.kx, CIRCLE=pattern.circle,
-            PRECISION=_precision(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+            batch * heads, pattern.reach_y, pattern.reach_x, pattern.max_d2, scale * LOG2E)
+    with _device_guard(q):
+        if gluon:
+            forward_kernel[((n_text_blocks + n_image_tiles) * batch * heads,)](
+                *args, HEAD_DIM=block_d, CIRCLE=pattern.circle, STAGES=tiles.num_stages, num_warps=tiles.num_warps)
+        else:
+            forward_kernel[((n_text_blocks + n_image_tiles) * batch * heads,)](
+                *args, HEAD_DIM=block_d, TY=tiles.ty, TX=tiles.tx, KY=tiles.ky, KX=tiles.kx, CIRCLE=pattern.circle,
+                PRECISION=_precision(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out, lse
 
 
@@ -274,4 +318,8 @@ local_window_attention_triton_backward = torch.library.custom_op("fewstep::local
 def compiled_kernel_count() -> int:
     """How many kernel variants Triton has compiled so far (0 under the interpreter): a new grid
     size, text length or radius must not add any."""
-    return sum(len(cache[0]) for kernel in _kernels()[1:] for cache in getattr(kernel, "device_caches", {}).values())
+    kernels = list(_kernels()[1:])
+    gluon = sys.modules.get("fewstep.triton._local_window_attention_gluon")
+    if gluon is not None:
+        kernels.append(gluon.forward_kernel_sm90)
+    return sum(len(cache[0]) for kernel in kernels for cache in getattr(kernel, "device_caches", {}).values())

@@ -1,0 +1,85 @@
+"""A/B of the two forward kernels of local-window attention on the H200/H100, in one process: the
+Gluon sm_90 forward (``fewstep/triton/_local_window_attention_gluon.py``, hand-pipelined, at 2 and
+3 shared-memory stages) against the Triton forward kernel, through the same launcher
+(``launch_forward``) on the same inputs. Per shape: CUDA-graph device time (median of many
+replays), useful and computed TFLOP/s, the largest difference of out and lse from the Triton
+kernel's, and dense SDPA's forward in the same run for the rate it reaches on the card.
+
+Usage: ``python bench/local_window_attention_gluon_gpu.py [--out DIR]``; writes
+``DIR/local_window_attention_gluon.json`` and ``.md``."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import graph_replay_ms  # noqa: E402
+from local_window_attention_gpu import CASES, MODEL_CASES, Shape  # noqa: E402
+
+from fewstep.ops.local_window_attention import _pattern_args  # noqa: E402
+from fewstep.triton import local_window_attention as lwa  # noqa: E402
+from fewstep.triton.local_window_attention_work import admitted_pairs, kernel_work  # noqa: E402
+
+SHAPES = [*CASES, MODEL_CASES[2], Shape(64, 512, 16, True, 24, 64, "D=64")]
+VARIANTS = {"triton": (False, None), "gluon 3 stages": (True, 3), "gluon 2 stages": (True, 2)}
+
+
+def inputs(shape: Shape, seed: int = 0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    n = shape.n_text + shape.side * shape.side
+    return [torch.randn(1, shape.heads, n, shape.head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+            for _ in range(3)]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args()
+    rows = []
+    for shape in SHAPES:
+        q, k, v = inputs(shape)
+        pattern = _pattern_args(q, (shape.side, shape.side), shape.radius, None, shape.n_text, None)
+        useful = admitted_pairs((shape.side, shape.side), shape.n_text, radius=shape.radius) * shape.heads
+        computed = kernel_work((shape.side, shape.side), shape.n_text, radius=shape.radius).forward * shape.heads
+        flops = 4 * shape.head_dim
+        ref_out, ref_lse = lwa.launch_forward(False, q, k, v, None, None, *pattern)
+        label = f"{shape.side}x{shape.side}+{shape.n_text} r={shape.radius:g} {shape.heads}x{shape.head_dim}"
+        for name, (gluon, stages) in VARIANTS.items():
+            if stages is not None:
+                lwa.GLUON_FORWARD_TILES = lwa.GLUON_FORWARD_TILES._replace(num_stages=stages)
+            out, lse = lwa.launch_forward(gluon, q, k, v, None, None, *pattern)
+            ms = graph_replay_ms(lambda: lwa.launch_forward(gluon, q, k, v, None, None, *pattern))
+            row = dict(shape=label, variant=name, ms=round(ms, 4),
+                       useful_tflops=round(useful * flops / ms / 1e9, 1),
+                       computed_tflops=round(computed * flops / ms / 1e9, 1),
+                       max_out_diff=float((out.float() - ref_out.float()).abs().max()),
+                       max_lse_diff=float((lse - ref_lse).abs().max()))
+            rows.append(row)
+            print(row, flush=True)
+        dense_ms = graph_replay_ms(lambda: F.scaled_dot_product_attention(q, k, v))
+        n = q.shape[2]
+        rows.append(dict(shape=label, variant="dense SDPA", ms=round(dense_ms, 4),
+                         useful_tflops=round(shape.heads * n * n * flops / dense_ms / 1e9, 1)))
+        print(rows[-1], flush=True)
+    import triton
+    env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
+    with open(os.path.join(args.out, "local_window_attention_gluon.json"), "w") as f:
+        json.dump(dict(env=env, rows=rows), f, indent=1)
+    lines = [f"# Local-window attention forward: Gluon sm_90 kernel against the Triton kernel ({env['gpu']})", "",
+             f"torch {env['torch']}, triton {env['triton']}; bf16, B=1; CUDA-graph device time.", "",
+             "| shape | kernel | ms | useful TFLOP/s | computed TFLOP/s | max out diff | max lse diff |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['variant']} | {r['ms']:.4f} | {r['useful_tflops']} | "
+                     f"{r.get('computed_tflops', '')} | {r.get('max_out_diff', '')} | {r.get('max_lse_diff', '')} |")
+    with open(os.path.join(args.out, "local_window_attention_gluon.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""Hopper (sm_90) forward kernel of local-window attention in Gluon, Triton's explicit-layout
+language: the same tile walk and semantics as ``forward_kernel`` in
+:mod:`fewstep.triton._local_window_attention_kernels`, with the pipeline written by hand, which
+Triton's compiler does not do for this loop (docs/attention.md, "Gluon forward"):
+
+- K and V of every key block arrive by TMA in a ring of ``STAGES`` shared-memory slots, each slot
+  with its own mbarriers for K and for V; a slot is refilled as soon as the wgmma that read it has
+  completed, so the loads run ``STAGES`` blocks ahead of the tensor cores;
+- the scores of block j+1 (wgmma, asynchronous) are computed while the warpgroup does the softmax
+  of block j... in the FlashAttention-3 order: S_j = Q K_j^T and O += P_{j-1} V_{j-1} are issued
+  together, the softmax of S_j runs while P_{j-1} V_{j-1} is still on the tensor cores;
+- P stays in registers as the A operand of P V (no shared-memory round trip).
+
+One warpgroup per program, 64 queries (an 8x8 image tile or 64 text rows) against key blocks of
+64 (8x8 image tiles, or 64 contiguous text / extra rows). Imported on first launch on a GPU only:
+Gluon has no CPU interpreter, so the CPU tests exercise ``forward_kernel`` and the GPU tests this.
+"""
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                               warpgroup_mma_wait)
+
+from fewstep.triton._local_window_attention_kernels import RUNTIME_INTS
+
+LN2_INV = gl.constexpr(1.4426950408889634)  # 1 / ln 2
+BLOCK: gl.constexpr = gl.constexpr(64)  # queries per program and keys per block
+
+
+@gluon.jit
+def _x_reach(gap_y, reach_x, max_d2, CIRCLE: gl.constexpr):
+    """The largest dx with gap_y^2 + dx^2 <= max_d2 (circle; exact integer square root), or the
+    window's half-width."""
+    if CIRCLE:
+        rest = max_d2 - gap_y * gap_y
+        dx = gl.sqrt(gl.maximum(rest, 0).to(gl.float32)).to(gl.int32)
+        dx = gl.where((dx + 1) * (dx + 1) <= rest, dx + 1, dx)
+        return gl.where(dx * dx > rest, dx - 1, dx)
+    else:
+        return reach_x
+
+
+@gluon.jit
+def _walk_row(y0, fy0, fy1, fx0, fx1, grid_h, grid_w, reach_x, max_d2, CIRCLE: gl.constexpr):
+    """Column range [lo, hi) of the row of 8x8 key tiles starting at y0."""
+    gap_y = gl.maximum(gl.maximum(y0 - fy1, fy0 - (gl.minimum(y0 + 8, grid_h) - 1)), 0)
+    dx = _x_reach(gap_y, reach_x, max_d2, CIRCLE)
+    return gl.maximum(fx0 - dx, 0), gl.minimum(fx1 + dx + 1, grid_w)
+
+
+@gluon.jit
+def _walk_next(y0, x0, hi, fy0, fy1, fx0, fx1, grid_h, grid_w, reach_x, max_d2, CIRCLE: gl.constexpr):
+    """The key tile after (y0, x0) in a row ending at hi: (y0, x0, hi) of the next one."""
+    x0 += 8
+    next_row = x0 >= hi
+    y0 = gl.where(next_row, y0 + 8, y0)
+    lo, new_hi = _walk_row(y0, fy0, fy1, fx0, fx1, grid_h, grid_w, reach_x, max_d2, CIRCLE)
+    return y0, gl.where(next_row, lo, x0), gl.where(next_row, new_hi, hi)
+
+
+@gluon.jit
+def _walk_start(fy0, fx0, grid_h, grid_w, reach_y, reach_x, max_d2, CIRCLE: gl.constexpr):
+    """The walk around the 8x8 query tile at (fy0, fx0): its last row and column inside the grid,
+    the first key tile (y0, x0), the end of the first row and the number of key tiles."""
+    fy1 = gl.minimum(fy0 + 8, grid_h) - 1
+    fx1 = gl.minimum(fx0 + 8, grid_w) - 1
+    y_first = gl.maximum(fy0 - reach_y, 0)
+    n = 0
+    for y0 in range(y_first, gl.minimum(fy1 + reach_y + 1, grid_h), 8):
+        lo, hi = _walk_row(y0, fy0, fy1, fx0, fx1, grid_h, grid_w, reach_x, max_d2, CIRCLE)
+        n += (hi - lo + 7) // 8
+    x0, x_end = _walk_row(y_first, fy0, fy1, fx0, fx1, grid_h, grid_w, reach_x, max_d2, CIRCLE)
+    return fy1, fx1, y_first, x0, x_end, n
+
+
+@gluon.jit
+def _issue_kv(desc_seq, desc_img, desc_ext, ring, bars, slot, kv_bh, j, n_first, n_image, y0, x0):
+    """TMA load of block j (K or V) into ring slot ``slot``: block j < n_first is rows j*64.. of the
+    sequence descriptor, then n_image 8x8 image tiles (this one at (y0, x0)), then extra blocks."""
+    dst = ring.index(slot)
+    bar = bars.index(slot)
+    mbarrier.expect(bar, BLOCK * dst.shape[1] * dst.dtype.primitive_bitwidth // 8)
+    if j < n_first:
+        tma.async_copy_global_to_shared(desc_seq, [kv_bh, j * BLOCK, 0], bar,
+                                        dst.reshape([1, BLOCK, dst.shape[1]]))
+    elif j < n_first + n_image:
+        tma.async_copy_global_to_shared(desc_img, [kv_bh, y0, x0, 0], bar, dst.reshape([1, 8, 8, dst.shape[1]]))
+    else:
+        if desc_ext is not None:
+            tma.async_copy_global_to_shared(desc_ext, [kv_bh, (j - n_first - n_image) * BLOCK, 0], bar,
+                                            dst.reshape([1, BLOCK, dst.shape[1]]))
+
+
+@gluon.jit
+def _advance(j, n_first, n_image, y0, x0, x_end, fy0, fy1, fx0, fx1, grid_h, grid_w, reach_x, max_d2,
+             CIRCLE: gl.constexpr):
+    """A walk cursor after block j: it moves to the next key tile when block j was an image tile."""
+    ny0, nx0, nx_end = _walk_next(y0, x0, x_end, fy0, fy1, fx0, fx1, grid_h, grid_w, reach_x, max_d2, CIRCLE)
+    image = (j >= n_first) & (j < n_first + n_image)
+    return gl.where(image, ny0, y0), gl.where(image, nx0, x0), gl.where(image, nx_end, x_end)
+
+
+@gluon.jit
+def _scores_mask(s, j, n_first, first_keys, n_image, n_extra, qy, qx, ky0, kx0, fy0, fy1, fx0, fx1, grid_h, grid_w,
+                 reach_y, reach_x, max_d2, s_layout: gl.constexpr, CIRCLE: gl.constexpr):
+    """Scores of block j with the keys the pattern, the grid or the sequence end exclude at -inf;
+    whole blocks of admitted keys (the common case) pass through unmasked."""
+    cols = gl.arange(0, BLOCK, layout=gl.SliceLayout(0, s_layout))
+    if j < n_first:
+        if (j + 1) * BLOCK > first_keys:
+            s = gl.where(((j * BLOCK + cols) < first_keys)[None, :], s, float("-inf"))
+    elif j < n_first + n_image:
+        far_y = gl.maximum(ky0 + 7 - fy0, fy1 - ky0)
+        far_x = gl.maximum(kx0 + 7 - fx0, fx1 - kx0)
+        if CIRCLE:
+            inside = far_y * far_y + far_x * far_x <= max_d2
+        else:
+            inside = (far_y <= reach_y) & (far_x <= reach_x)
+        if not (inside & (ky0 + 8 <= grid_h) & (kx0 + 8 <= grid_w)):
+            ky = ky0 + cols // 8
+            kx = kx0 + cols % 8
+            dy = qy[:, None] - ky[None, :]
+            dx = qx[:, None] - kx[None, :]
+            if CIRCLE:
+                ok = dy * dy + dx * dx <= max_d2
+            else:
+                ok = (gl.abs(dy) <= reach_y) & (gl.abs(dx) <= reach_x)
+            ok = ok & ((ky < grid_h) & (kx < grid_w))[None, :]
+            s = gl.where(ok, s, float("-inf"))
+    else:
+        if (j - n_first - n_image + 1) * BLOCK > n_extra:
+            s = gl.where((((j - n_first - n_image) * BLOCK + cols) < n_extra)[None, :], s, float("-inf"))
+    return s
+
+
+@gluon.jit(do_not_specialize=RUNTIME_INTS)
+def forward_kernel_sm90(q_txt, q_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, o_txt, o_img, Lse, heads, group,
+                        n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x, n_text_blocks, n_image_tiles, n_heads,
+                        reach_y, reach_x, max_d2, qk_scale, HEAD_DIM: gl.constexpr, CIRCLE: gl.constexpr,
+                        STAGES: gl.constexpr):
+    dtype: gl.constexpr = q_img.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    tile_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, HEAD_DIM], dtype)
+
+    # program -> (block, batch*head): text query blocks of every head first, then the image tiles
+    pid = gl.program_id(0)
+    n_long = n_text_blocks * n_heads
+    image_pid = gl.maximum(pid - n_long, 0)
+    is_text = pid < n_long
+    tile = gl.where(is_text, pid // n_heads, n_text_blocks + image_pid % gl.maximum(n_image_tiles, 1))
+    bh = gl.where(is_text, pid % n_heads, image_pid // gl.maximum(n_image_tiles, 1))
+    kv_bh = (bh // heads) * (heads // group) + (bh % heads) // group
+
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], tile_layout)
+    k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], tile_layout)
+    v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], tile_layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_bars.index(i), count=1)
+        mbarrier.init(v_bars.index(i), count=1)
+
+    # The program's key blocks: n_first contiguous blocks of the sequence (every key for a text query,
+    # the text keys for an image query), then the image key tiles, then the extra blocks.
+    image_tile = gl.maximum(tile - n_text_blocks, 0)
+    qy0 = (image_tile // tiles_x) * 8
+    qx0 = (image_tile % tiles_x) * 8
+    fy1, fx1, y0, x0, x_end, n_walk = _walk_start(qy0, qx0, grid_h, grid_w, reach_y, reach_x, max_d2, CIRCLE)
+    first_keys = gl.where(is_text, n_tokens, n_text)
+    n_first = (first_keys + BLOCK - 1) // BLOCK
+    n_image = gl.where(is_text, 0, n_walk)
+    n_blocks = n_first + n_image + gl.where(is_text, 0, (n_extra + BLOCK - 1) // BLOCK)
+    offs = gl.arange(0, BLOCK, layout=row_layout)
+    qy = qy0 + offs // 8
+    qx = qx0 + offs % 8
+    rows = gl.where(is_text, tile * BLOCK + offs, n_text + qy * grid_w + qx)
+    row_ok = gl.where(is_text, rows < n_text, (qy < grid_h) & (qx < grid_w))
+
+    mbarrier.expect(q_bar, BLOCK * HEAD_DIM * dtype.primitive_bitwidth // 8)
+    if is_text:
+        tma.async_copy_global_to_shared(q_txt, [bh, tile * BLOCK, 0], q_bar, q_smem.reshape([1, BLOCK, HEAD_DIM]))
+    else:
+        tma.async_copy_global_to_shared(q_img, [bh, qy0, qx0, 0], q_bar, q_smem.reshape([1, 8, 8, HEAD_DIM]))
+
+    # Prologue: the first STAGES blocks in flight. Three walk cursors: K loads, V loads, scores.
+    ky0, kx0, kx_end = y0, x0, x_end
+    vy0, vx0, vx_end = y0, x0, x_end
+    for i in gl.static_range(STAGES):
+        if i < n_blocks:
+            _issue_kv(k_seq, k_img, k_ext, k_ring, k_bars, i, kv_bh, i, n_first, n_image, ky0, kx0)
+            _issue_kv(v_seq, v_img, v_ext, v_ring, v_bars, i, kv_bh, i, n_first, n_image, vy0, vx0)
+            ky0, kx0, kx_end = _advance(i, n_first, n_image, ky0, kx0, kx_end, qy0, fy1, qx0, fx1, grid_h, grid_w,
+                                        reach_x, max_d2, CIRCLE)
+            vy0, vx0, vx_end = _advance(i, n_first, n_image, vy0, vx0, vx_end, qy0, fy1, qx0, fx1, grid_h, grid_w,
+                                        reach_x, max_d2, CIRCLE)
+
+    # Block 0: scores and softmax only (O is still zero).
+    mbarrier.wait(q_bar, 0)
+    mbarrier.wait(k_bars.index(0), 0)
+    zeros_s = gl.zeros([BLOCK, BLOCK], gl.float32, s_layout)
+    s_tok = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), zeros_s, use_acc=False, is_async=True)
+    s = warpgroup_mma_wait(0, deps=[s_tok])
+    s = _scores_mask(s, 0, n_first, first_keys, n_image, n_extra, qy, qx, y0, x0, qy0, fy1, qx0, fx1, grid_h, grid_w,
+                     reach_y, reach_x, max_d2, s_layout, CIRCLE)
+    sy0, sx0, sx_end = _advance(0, n_first, n_image, y0, x0, x_end, qy0, fy1, qx0, fx1, grid_h, grid_w, reach_x,
+                                max_d2, CIRCLE)
+    m_i = gl.maximum(gl.full([BLOCK], -1.0e30, gl.float32, row_layout), gl.max(s, 1) * qk_scale)
+    p = gl.exp2(s * qk_scale - m_i[:, None])
+    l_i = gl.sum(p, 1)
+    p_op = gl.convert_layout(p.to(dtype), p_layout)
+    # K of block 0 has been read: its slot takes block STAGES
+    if STAGES < n_blocks:
+        _issue_kv(k_seq, k_img, k_ext, k_ring, k_bars, 0, kv_bh, STAGES, n_first, n_image, ky0, kx0)
+        ky0, kx0, kx_end = _advance(STAGES, n_first, n_image, ky0, kx0, kx_end, qy0, fy1, qx0, fx1, grid_h, grid_w,
+                                    reach_x, max_d2, CIRCLE)
+    acc = gl.zeros([BLOCK, HEAD_DIM], gl.float32, o_layout)
+
+    for j in range(1, n_blocks):
+        slot = j % STAGES
+        prev = (j - 1) % STAGES
+        mbarrier.wait(k_bars.index(slot), (j // STAGES) & 1)
+        s_tok = warpgroup_mma(q_smem, k_ring.index(slot).permute((1, 0)), zeros_s, use_acc=False, is_async=True)
+        mbarrier.wait(v_bars.index(prev), ((j - 1) // STAGES) & 1)
+        o_tok = warpgroup_mma(p_op, v_ring.index(prev), acc, is_async=True)
+        # the scores of block j (issued first) are ready; the softmax runs while P V is computed
+        s = warpgroup_mma_wait(1, deps=[s_tok])
+        if j + STAGES < n_blocks:  # K of block j has been read: its slot takes block j + STAGES
+            _issue_kv(k_seq, k_img, k_ext, k_ring, k_bars, slot, kv_bh, j + STAGES, n_first, n_image, ky0, kx0)
+            ky0, kx0, kx_end = _advance(j + STAGES, n_first, n_image, ky0, kx0, kx_end, qy0, fy1, qx0, fx1, grid_h,
+                                        grid_w, reach_x, max_d2, CIRCLE)
+        s = _scores_mask(s, j, n_first, first_keys, n_image, n_extra, qy, qx, sy0, sx0, qy0, fy1, qx0, fx1, grid_h,
+                         grid_w, reach_y, reach_x, max_d2, s_layout, CIRCLE)
+        sy0, sx0, sx_end = _advance(j, n_first, n_image, sy0, sx0, sx_end, qy0, fy1, qx0, fx1, grid_h, grid_w,
+                                    reach_x, max_d2, CIRCLE)
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        p = gl.exp2(s * qk_scale - m_new[:, None])
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p, 1)
+        m_i = m_new
+        acc = warpgroup_mma_wait(0, deps=[o_tok])
+        if j - 1 + STAGES < n_blocks:  # V of block j - 1 has been read
+            _issue_kv(v_seq, v_img, v_ext, v_ring, v_bars, prev, kv_bh, j - 1 + STAGES, n_first, n_image, vy0, vx0)
+            vy0, vx0, vx_end = _advance(j - 1 + STAGES, n_first, n_image, vy0, vx0, vx_end, qy0, fy1, qx0, fx1,
+                                        grid_h, grid_w, reach_x, max_d2, CIRCLE)
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+
+    last = (n_blocks - 1) % STAGES
+    mbarrier.wait(v_bars.index(last), ((n_blocks - 1) // STAGES) & 1)
+    o_tok = warpgroup_mma(p_op, v_ring.index(last), acc, is_async=True)
+    acc = warpgroup_mma_wait(0, deps=[o_tok])
+
+    mbarrier.invalidate(q_bar)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(k_bars.index(i))
+        mbarrier.invalidate(v_bars.index(i))
+
+    acc = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
+    q_smem.store(acc.to(dtype))  # Q is no longer read: its buffer stages the output
+    fence_async_shared()
+    if is_text:
+        tma.async_copy_shared_to_global(o_txt, [bh, tile * BLOCK, 0], q_smem.reshape([1, BLOCK, HEAD_DIM]))
+    else:
+        tma.async_copy_shared_to_global(o_img, [bh, qy0, qx0, 0], q_smem.reshape([1, 8, 8, HEAD_DIM]))
+    lse = (m_i + gl.log2(l_i)) / LN2_INV  # natural log
+    gl.store(Lse + bh.to(gl.int64) * n_tokens + rows, lse, mask=row_ok)
+    tma.store_wait(0)
