@@ -1,6 +1,5 @@
 """A/B of the two forward kernels of local-window attention on the H200/H100, in one process: the
-Gluon sm_90 forward (``fewstep/triton/_local_window_attention_gluon.py``, hand-pipelined, at 2 and
-3 shared-memory stages) against the Triton forward kernel, through the same launcher
+Gluon sm_90 forward (``fewstep/triton/_local_window_attention_gluon.py``, hand-pipelined) against the Triton forward kernel, through the same launcher
 (``launch_forward``) on the same inputs. Per shape: CUDA-graph device time (median of many
 replays), useful and computed TFLOP/s, the largest difference of out and lse from the Triton
 kernel's, and dense SDPA's forward in the same run for the rate it reaches on the card.
@@ -26,7 +25,7 @@ from fewstep.triton import local_window_attention as lwa  # noqa: E402
 from fewstep.triton.local_window_attention_work import admitted_pairs, kernel_work  # noqa: E402
 
 SHAPES = [*CASES, MODEL_CASES[2], Shape(64, 512, 16, True, 24, 64, "D=64")]
-VARIANTS = {"triton": (False, None), "gluon 3 stages": (True, 3), "gluon 2 stages": (True, 2)}
+VARIANTS = {"triton": False, "gluon": True}
 
 
 def inputs(shape: Shape, seed: int = 0):
@@ -49,9 +48,7 @@ def main():
         flops = 4 * shape.head_dim
         ref_out, ref_lse = lwa.launch_forward(False, q, k, v, None, None, *pattern)
         label = f"{shape.side}x{shape.side}+{shape.n_text} r={shape.radius:g} {shape.heads}x{shape.head_dim}"
-        for name, (gluon, stages) in VARIANTS.items():
-            if stages is not None:
-                lwa.GLUON_FORWARD_TILES = lwa.GLUON_FORWARD_TILES._replace(num_stages=stages)
+        for name, gluon in VARIANTS.items():
             out, lse = lwa.launch_forward(gluon, q, k, v, None, None, *pattern)
             ms = graph_replay_ms(lambda: lwa.launch_forward(gluon, q, k, v, None, None, *pattern))
             row = dict(shape=label, variant=name, ms=round(ms, 4),

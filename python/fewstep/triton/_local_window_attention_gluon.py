@@ -3,12 +3,13 @@ language: the same tile walk and semantics as ``forward_kernel`` in
 :mod:`fewstep.triton._local_window_attention_kernels`, with the pipeline written by hand, which
 Triton's compiler does not do for this loop (docs/attention.md, "Gluon forward"):
 
-- K and V of every key block arrive by TMA in a ring of ``STAGES`` shared-memory slots, each slot
-  with its own mbarriers for K and for V; a slot is refilled as soon as the wgmma that read it has
-  completed, so the loads run ``STAGES`` blocks ahead of the tensor cores;
-- the scores of block j+1 (wgmma, asynchronous) are computed while the warpgroup does the softmax
-  of block j... in the FlashAttention-3 order: S_j = Q K_j^T and O += P_{j-1} V_{j-1} are issued
-  together, the softmax of S_j runs while P_{j-1} V_{j-1} is still on the tensor cores;
+- K and V of every key block arrive by TMA in two-slot rings with one mbarrier per slot; a slot is
+  refilled as soon as the wgmma that read it has completed (K of block j+2 right after the scores
+  of block j, V of block j+1 right after P_{j-1} V_{j-1});
+- FlashAttention-3's order within the warpgroup: S_j = Q K_j^T and O += P_{j-1} V_{j-1} are issued
+  together, and the softmax of S_j runs while P_{j-1} V_{j-1} is still on the tensor cores;
+- one walk cursor per program: the image tile of each K load; the V load and the score mask of the
+  same block reuse its coordinates one and two iterations later;
 - P stays in registers as the A operand of P V (no shared-memory round trip).
 
 One warpgroup per program, 64 queries (an 8x8 image tile or 64 text rows) against key blocks of
@@ -51,12 +52,13 @@ def _walk_row(y0, fy0, fy1, fx0, fx1, grid_h, grid_w, reach_x, max_d2, CIRCLE: g
 
 @gluon.jit
 def _walk_next(y0, x0, hi, fy0, fy1, fx0, fx1, grid_h, grid_w, reach_x, max_d2, CIRCLE: gl.constexpr):
-    """The key tile after (y0, x0) in a row ending at hi: (y0, x0, hi) of the next one."""
+    """The key tile after (y0, x0) in a row ending at hi: (y0, x0, hi) of the next one (the row's
+    column range, with its integer square root, only computed on a change of row)."""
     x0 += 8
-    next_row = x0 >= hi
-    y0 = gl.where(next_row, y0 + 8, y0)
-    lo, new_hi = _walk_row(y0, fy0, fy1, fx0, fx1, grid_h, grid_w, reach_x, max_d2, CIRCLE)
-    return y0, gl.where(next_row, lo, x0), gl.where(next_row, new_hi, hi)
+    if x0 >= hi:
+        y0 += 8
+        x0, hi = _walk_row(y0, fy0, fy1, fx0, fx1, grid_h, grid_w, reach_x, max_d2, CIRCLE)
+    return y0, x0, hi
 
 
 @gluon.jit
@@ -95,10 +97,10 @@ def _issue_kv(desc_seq, desc_img, desc_ext, ring, bars, slot, kv_bh, j, n_first,
 @gluon.jit
 def _advance(j, n_first, n_image, y0, x0, x_end, fy0, fy1, fx0, fx1, grid_h, grid_w, reach_x, max_d2,
              CIRCLE: gl.constexpr):
-    """A walk cursor after block j: it moves to the next key tile when block j was an image tile."""
-    ny0, nx0, nx_end = _walk_next(y0, x0, x_end, fy0, fy1, fx0, fx1, grid_h, grid_w, reach_x, max_d2, CIRCLE)
-    image = (j >= n_first) & (j < n_first + n_image)
-    return gl.where(image, ny0, y0), gl.where(image, nx0, x0), gl.where(image, nx_end, x_end)
+    """The walk cursor after block j: it moves to the next key tile when block j was an image tile."""
+    if (j >= n_first) & (j < n_first + n_image):
+        y0, x0, x_end = _walk_next(y0, x0, x_end, fy0, fy1, fx0, fx1, grid_h, grid_w, reach_x, max_d2, CIRCLE)
+    return y0, x0, x_end
 
 
 @gluon.jit
@@ -137,8 +139,7 @@ def _scores_mask(s, j, n_first, first_keys, n_image, n_extra, qy, qx, ky0, kx0, 
 @gluon.jit(do_not_specialize=RUNTIME_INTS)
 def forward_kernel_sm90(q_txt, q_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, o_txt, o_img, Lse, heads, group,
                         n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x, n_text_blocks, n_image_tiles, n_heads,
-                        reach_y, reach_x, max_d2, qk_scale, HEAD_DIM: gl.constexpr, CIRCLE: gl.constexpr,
-                        STAGES: gl.constexpr):
+                        reach_y, reach_x, max_d2, qk_scale, HEAD_DIM: gl.constexpr, CIRCLE: gl.constexpr):
     dtype: gl.constexpr = q_img.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK, 16])
@@ -158,13 +159,13 @@ def forward_kernel_sm90(q_txt, q_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, 
     kv_bh = (bh // heads) * (heads // group) + (bh % heads) // group
 
     q_smem = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], tile_layout)
-    k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], tile_layout)
-    v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], tile_layout)
+    k_ring = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], tile_layout)
+    v_ring = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], tile_layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    v_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(STAGES):
+    for i in gl.static_range(2):
         mbarrier.init(k_bars.index(i), count=1)
         mbarrier.init(v_bars.index(i), count=1)
 
@@ -190,17 +191,22 @@ def forward_kernel_sm90(q_txt, q_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, 
     else:
         tma.async_copy_global_to_shared(q_img, [bh, qy0, qx0, 0], q_bar, q_smem.reshape([1, 8, 8, HEAD_DIM]))
 
-    # Prologue: the first STAGES blocks in flight. Three walk cursors: K loads, V loads, scores.
-    ky0, kx0, kx_end = y0, x0, x_end
-    vy0, vx0, vx_end = y0, x0, x_end
-    for i in gl.static_range(STAGES):
-        if i < n_blocks:
-            _issue_kv(k_seq, k_img, k_ext, k_ring, k_bars, i, kv_bh, i, n_first, n_image, ky0, kx0)
-            _issue_kv(v_seq, v_img, v_ext, v_ring, v_bars, i, kv_bh, i, n_first, n_image, vy0, vx0)
-            ky0, kx0, kx_end = _advance(i, n_first, n_image, ky0, kx0, kx_end, qy0, fy1, qx0, fx1, grid_h, grid_w,
-                                        reach_x, max_d2, CIRCLE)
-            vy0, vx0, vx_end = _advance(i, n_first, n_image, vy0, vx0, vx_end, qy0, fy1, qx0, fx1, grid_h, grid_w,
-                                        reach_x, max_d2, CIRCLE)
+    # Two-slot rings. In iteration j, K of block j+2 goes into the slot S_j has just read and V of
+    # block j+1 into the slot P_{j-1} V_{j-1} has just read. One walk cursor (c) gives the image
+    # tile of each K load; V loads and the masks take the same coordinates one and two iterations
+    # later (v, s).
+    cy0, cx0, cx_end = y0, x0, x_end
+    _issue_kv(k_seq, k_img, k_ext, k_ring, k_bars, 0, kv_bh, 0, n_first, n_image, cy0, cx0)
+    _issue_kv(v_seq, v_img, v_ext, v_ring, v_bars, 0, kv_bh, 0, n_first, n_image, cy0, cx0)
+    sy0, sx0 = cy0, cx0
+    cy0, cx0, cx_end = _advance(0, n_first, n_image, cy0, cx0, cx_end, qy0, fy1, qx0, fx1, grid_h, grid_w, reach_x,
+                                max_d2, CIRCLE)
+    if 1 < n_blocks:
+        _issue_kv(k_seq, k_img, k_ext, k_ring, k_bars, 1, kv_bh, 1, n_first, n_image, cy0, cx0)
+        _issue_kv(v_seq, v_img, v_ext, v_ring, v_bars, 1, kv_bh, 1, n_first, n_image, cy0, cx0)
+    vy0, vx0 = cy0, cx0
+    cy0, cx0, cx_end = _advance(1, n_first, n_image, cy0, cx0, cx_end, qy0, fy1, qx0, fx1, grid_h, grid_w, reach_x,
+                                max_d2, CIRCLE)
 
     # Block 0: scores and softmax only (O is still zero).
     mbarrier.wait(q_bar, 0)
@@ -208,58 +214,55 @@ def forward_kernel_sm90(q_txt, q_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, 
     zeros_s = gl.zeros([BLOCK, BLOCK], gl.float32, s_layout)
     s_tok = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), zeros_s, use_acc=False, is_async=True)
     s = warpgroup_mma_wait(0, deps=[s_tok])
-    s = _scores_mask(s, 0, n_first, first_keys, n_image, n_extra, qy, qx, y0, x0, qy0, fy1, qx0, fx1, grid_h, grid_w,
-                     reach_y, reach_x, max_d2, s_layout, CIRCLE)
-    sy0, sx0, sx_end = _advance(0, n_first, n_image, y0, x0, x_end, qy0, fy1, qx0, fx1, grid_h, grid_w, reach_x,
-                                max_d2, CIRCLE)
+    if 2 < n_blocks:
+        _issue_kv(k_seq, k_img, k_ext, k_ring, k_bars, 0, kv_bh, 2, n_first, n_image, cy0, cx0)
+    s = _scores_mask(s, 0, n_first, first_keys, n_image, n_extra, qy, qx, sy0, sx0, qy0, fy1, qx0, fx1, grid_h,
+                     grid_w, reach_y, reach_x, max_d2, s_layout, CIRCLE)
     m_i = gl.maximum(gl.full([BLOCK], -1.0e30, gl.float32, row_layout), gl.max(s, 1) * qk_scale)
     p = gl.exp2(s * qk_scale - m_i[:, None])
     l_i = gl.sum(p, 1)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
-    # K of block 0 has been read: its slot takes block STAGES
-    if STAGES < n_blocks:
-        _issue_kv(k_seq, k_img, k_ext, k_ring, k_bars, 0, kv_bh, STAGES, n_first, n_image, ky0, kx0)
-        ky0, kx0, kx_end = _advance(STAGES, n_first, n_image, ky0, kx0, kx_end, qy0, fy1, qx0, fx1, grid_h, grid_w,
-                                    reach_x, max_d2, CIRCLE)
+    sy0, sx0 = vy0, vx0
+    vy0, vx0 = cy0, cx0
+    cy0, cx0, cx_end = _advance(2, n_first, n_image, cy0, cx0, cx_end, qy0, fy1, qx0, fx1, grid_h, grid_w, reach_x,
+                                max_d2, CIRCLE)
     acc = gl.zeros([BLOCK, HEAD_DIM], gl.float32, o_layout)
 
     for j in range(1, n_blocks):
-        slot = j % STAGES
-        prev = (j - 1) % STAGES
-        mbarrier.wait(k_bars.index(slot), (j // STAGES) & 1)
+        slot = j % 2
+        prev = 1 - slot
+        mbarrier.wait(k_bars.index(slot), (j // 2) & 1)
         s_tok = warpgroup_mma(q_smem, k_ring.index(slot).permute((1, 0)), zeros_s, use_acc=False, is_async=True)
-        mbarrier.wait(v_bars.index(prev), ((j - 1) // STAGES) & 1)
+        mbarrier.wait(v_bars.index(prev), ((j - 1) // 2) & 1)
         o_tok = warpgroup_mma(p_op, v_ring.index(prev), acc, is_async=True)
         # the scores of block j (issued first) are ready; the softmax runs while P V is computed
         s = warpgroup_mma_wait(1, deps=[s_tok])
-        if j + STAGES < n_blocks:  # K of block j has been read: its slot takes block j + STAGES
-            _issue_kv(k_seq, k_img, k_ext, k_ring, k_bars, slot, kv_bh, j + STAGES, n_first, n_image, ky0, kx0)
-            ky0, kx0, kx_end = _advance(j + STAGES, n_first, n_image, ky0, kx0, kx_end, qy0, fy1, qx0, fx1, grid_h,
-                                        grid_w, reach_x, max_d2, CIRCLE)
+        if j + 2 < n_blocks:
+            _issue_kv(k_seq, k_img, k_ext, k_ring, k_bars, slot, kv_bh, j + 2, n_first, n_image, cy0, cx0)
         s = _scores_mask(s, j, n_first, first_keys, n_image, n_extra, qy, qx, sy0, sx0, qy0, fy1, qx0, fx1, grid_h,
                          grid_w, reach_y, reach_x, max_d2, s_layout, CIRCLE)
-        sy0, sx0, sx_end = _advance(j, n_first, n_image, sy0, sx0, sx_end, qy0, fy1, qx0, fx1, grid_h, grid_w,
-                                    reach_x, max_d2, CIRCLE)
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
         p = gl.exp2(s * qk_scale - m_new[:, None])
         alpha = gl.exp2(m_i - m_new)
         l_i = l_i * alpha + gl.sum(p, 1)
         m_i = m_new
         acc = warpgroup_mma_wait(0, deps=[o_tok])
-        if j - 1 + STAGES < n_blocks:  # V of block j - 1 has been read
-            _issue_kv(v_seq, v_img, v_ext, v_ring, v_bars, prev, kv_bh, j - 1 + STAGES, n_first, n_image, vy0, vx0)
-            vy0, vx0, vx_end = _advance(j - 1 + STAGES, n_first, n_image, vy0, vx0, vx_end, qy0, fy1, qx0, fx1,
-                                        grid_h, grid_w, reach_x, max_d2, CIRCLE)
+        if j + 1 < n_blocks:
+            _issue_kv(v_seq, v_img, v_ext, v_ring, v_bars, prev, kv_bh, j + 1, n_first, n_image, vy0, vx0)
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
         p_op = gl.convert_layout(p.to(dtype), p_layout)
+        sy0, sx0 = vy0, vx0
+        vy0, vx0 = cy0, cx0
+        cy0, cx0, cx_end = _advance(j + 2, n_first, n_image, cy0, cx0, cx_end, qy0, fy1, qx0, fx1, grid_h, grid_w,
+                                    reach_x, max_d2, CIRCLE)
 
-    last = (n_blocks - 1) % STAGES
-    mbarrier.wait(v_bars.index(last), ((n_blocks - 1) // STAGES) & 1)
+    last = (n_blocks - 1) % 2
+    mbarrier.wait(v_bars.index(last), ((n_blocks - 1) // 2) & 1)
     o_tok = warpgroup_mma(p_op, v_ring.index(last), acc, is_async=True)
     acc = warpgroup_mma_wait(0, deps=[o_tok])
 
     mbarrier.invalidate(q_bar)
-    for i in gl.static_range(STAGES):
+    for i in gl.static_range(2):
         mbarrier.invalidate(k_bars.index(i))
         mbarrier.invalidate(v_bars.index(i))
 

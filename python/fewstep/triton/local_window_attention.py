@@ -47,8 +47,8 @@ class Tiles(NamedTuple):
 
 
 # The Gluon forward's fixed tiles: 8x8 queries (one warpgroup) against 8x8 key tiles and 64-row
-# blocks, K and V in a ring of three shared-memory slots (num_stages).
-GLUON_FORWARD_TILES = Tiles(8, 8, 8, 8, 4, 3)
+# blocks, K and V in two-slot shared-memory rings.
+GLUON_FORWARD_TILES = Tiles(8, 8, 8, 8, 4, 2)
 
 
 class KernelTiles(NamedTuple):
@@ -227,7 +227,7 @@ def launch_forward(gluon: bool, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     with _device_guard(q):
         if gluon:
             forward_kernel[((n_text_blocks + n_image_tiles) * batch * heads,)](
-                *args, HEAD_DIM=block_d, CIRCLE=pattern.circle, STAGES=tiles.num_stages, num_warps=tiles.num_warps)
+                *args, HEAD_DIM=block_d, CIRCLE=pattern.circle, num_warps=tiles.num_warps)
         else:
             forward_kernel[((n_text_blocks + n_image_tiles) * batch * heads,)](
                 *args, HEAD_DIM=block_d, TY=tiles.ty, TX=tiles.tx, KY=tiles.ky, KX=tiles.kx, CIRCLE=pattern.circle,
