@@ -1,8 +1,10 @@
-"""A/B of the two forward kernels of local-window attention on the H200/H100, in one process: the
-Gluon sm_90 forward (``fewstep/triton/_local_window_attention_gluon.py``, hand-pipelined) against the Triton forward kernel, through the same launcher
-(``launch_forward``) on the same inputs. Per shape: CUDA-graph device time (median of many
-replays), useful and computed TFLOP/s, the largest difference of out and lse from the Triton
-kernel's, and dense SDPA's forward in the same run for the rate it reaches on the card.
+"""A/B of the Gluon sm_90 kernels of local-window attention (forward and dK/dV,
+``fewstep/triton/_local_window_attention_gluon.py``, hand-pipelined) against the Triton kernels on
+the H200/H100, in one process, through the same launchers (``launch_forward``,
+``launch_backward``) on the same inputs. Per shape: CUDA-graph device time of the forward and of
+the backward (median of many replays), the forward's useful and computed TFLOP/s, the largest
+differences of out, lse, dK and dV from the Triton kernels', and dense SDPA's forward in the same
+run for the rate it reaches on the card.
 
 Usage: ``python bench/local_window_attention_gluon_gpu.py [--out DIR]``; writes
 ``DIR/local_window_attention_gluon.json`` and ``.md``."""
@@ -51,7 +53,14 @@ def main():
         for name, gluon in VARIANTS.items():
             out, lse = lwa.launch_forward(gluon, q, k, v, None, None, *pattern)
             ms = graph_replay_ms(lambda: lwa.launch_forward(gluon, q, k, v, None, None, *pattern))
-            row = dict(shape=label, variant=name, ms=round(ms, 4),
+            grad_out = torch.randn_like(q)
+            bwd_ms = graph_replay_ms(lambda: lwa.launch_backward(gluon, grad_out, q, k, v, None, None, ref_out,
+                                                                 ref_lse, *pattern))
+            grads = lwa.launch_backward(gluon, grad_out, q, k, v, None, None, ref_out, ref_lse, *pattern)
+            ref_grads = lwa.launch_backward(False, grad_out, q, k, v, None, None, ref_out, ref_lse, *pattern)
+            row = dict(shape=label, variant=name, ms=round(ms, 4), backward_ms=round(bwd_ms, 4),
+                       max_dkdv_rel_diff=max(float((g.float() - r.float()).abs().max() / r.float().abs().max())
+                                             for g, r in zip(grads[1:3], ref_grads[1:3])),
                        useful_tflops=round(useful * flops / ms / 1e9, 1),
                        computed_tflops=round(computed * flops / ms / 1e9, 1),
                        max_out_diff=float((out.float() - ref_out.float()).abs().max()),
@@ -69,11 +78,13 @@ def main():
         json.dump(dict(env=env, rows=rows), f, indent=1)
     lines = [f"# Local-window attention forward: Gluon sm_90 kernel against the Triton kernel ({env['gpu']})", "",
              f"torch {env['torch']}, triton {env['triton']}; bf16, B=1; CUDA-graph device time.", "",
-             "| shape | kernel | ms | useful TFLOP/s | computed TFLOP/s | max out diff | max lse diff |",
-             "|---|---|---|---|---|---|---|"]
+             "| shape | kernels | forward ms | backward ms | forward useful TFLOP/s | forward computed TFLOP/s | "
+             "max out diff | max lse diff | max dK, dV diff (relative to max) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['shape']} | {r['variant']} | {r['ms']:.4f} | {r['useful_tflops']} | "
-                     f"{r.get('computed_tflops', '')} | {r.get('max_out_diff', '')} | {r.get('max_lse_diff', '')} |")
+        lines.append(f"| {r['shape']} | {r['variant']} | {r['ms']:.4f} | {r.get('backward_ms', '')} | "
+                     f"{r['useful_tflops']} | {r.get('computed_tflops', '')} | {r.get('max_out_diff', '')} | "
+                     f"{r.get('max_lse_diff', '')} | {r.get('max_dkdv_rel_diff', '')} |")
     with open(os.path.join(args.out, "local_window_attention_gluon.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 

@@ -80,30 +80,40 @@ GLUON_CASES = {**CASES, "3x5 one key block": Case(1, 2, 1, 64, (3, 5), 0, radius
 @pytest.mark.parametrize("head_dim", [64, 72, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", list(GLUON_CASES))
-def test_gluon_forward_matches_reference(name, dtype, head_dim):
-    """The Gluon sm_90 forward (the default forward for 16-bit inputs up to D = 128 on Hopper)
-    against the float64 reference, next to the Triton forward kernel on the same inputs."""
+def test_gluon_kernels_match_reference(name, dtype, head_dim):
+    """The Gluon sm_90 kernels (forward, dK/dV) against the float64 reference, next to the Triton
+    kernels on the same inputs: out, lse and the five gradients."""
     case = replace(GLUON_CASES[name], head_dim=head_dim)
-    q, k, v, ek, ev = make_inputs(case, dtype, seed=zlib.crc32(name.encode()) + head_dim)
-    if not triton_lwa.gluon_forward_supported(q):
-        pytest.skip(f"the Gluon forward needs an sm_90 GPU, this is {torch.cuda.get_device_name()}")
+    inputs = make_inputs(case, dtype, seed=zlib.crc32(name.encode()) + head_dim, requires_grad=True)
+    q, k, v, ek, ev = inputs
+    if not triton_lwa.gluon_supported(q):
+        pytest.skip(f"the Gluon kernels need an sm_90 GPU, this is {torch.cuda.get_device_name()}")
+    leaves = [t for t in inputs if t is not None]
     kwargs = dict(**case.kwargs(), extra_k=ek, extra_v=ev)
     ref_out, ref_lse = local_window_attention_reference(q, k, v, **kwargs)
     same_out, same_lse = local_window_attention_reference(q, k, v, **kwargs, dtype=dtype)
+    grad_out = torch.randn(q.shape, dtype=torch.float64, device="cuda")
+    ref_grads = torch.autograd.grad(ref_out, leaves, grad_out)
+    same_grads = torch.autograd.grad(same_out, leaves, grad_out.to(dtype))
     tag = f"[{name},{dtype},D={head_dim}]"
-    for gluon in (True, False):
-        poison_allocator(q)
-        out, lse = triton_lwa.launch_forward(gluon, q, k, v, ek, ev, *case.pattern())
-        assert_close_to_reference(out, ref_out, same_out, f"out{tag} gluon={gluon}")
-        assert_close_to_reference(lse, ref_lse, same_lse, f"lse{tag} gluon={gluon}")
+    with torch.no_grad():
+        for gluon in (True, False):
+            poison_allocator(q)
+            out, lse = triton_lwa.launch_forward(gluon, q, k, v, ek, ev, *case.pattern())
+            assert_close_to_reference(out, ref_out, same_out, f"out{tag} gluon={gluon}")
+            assert_close_to_reference(lse, ref_lse, same_lse, f"lse{tag} gluon={gluon}")
+            poison_allocator(q)
+            grads = triton_lwa.launch_backward(gluon, grad_out.to(dtype), q, k, v, ek, ev, out, lse, *case.pattern())
+            for what, g, r, same in zip(["dq", "dk", "dv", "dextra_k", "dextra_v"], grads, ref_grads, same_grads):
+                assert_close_to_reference(g, r, same, f"{what}{tag} gluon={gluon}")
 
 
-def test_gluon_forward_is_the_default_on_hopper():
+def test_gluon_kernels_run_on_hopper_only():
     q = torch.randn(1, 2, 64, 128, device="cuda", dtype=torch.bfloat16)
     hopper = torch.cuda.get_device_capability() == (9, 0)
-    assert triton_lwa.gluon_forward_supported(q) == hopper
-    assert not triton_lwa.gluon_forward_supported(q.float())
-    assert not triton_lwa.gluon_forward_supported(torch.randn(1, 2, 64, 256, device="cuda", dtype=torch.bfloat16))
+    assert triton_lwa.gluon_supported(q) == hopper
+    assert not triton_lwa.gluon_supported(q.float())
+    assert not triton_lwa.gluon_supported(torch.randn(1, 2, 64, 256, device="cuda", dtype=torch.bfloat16))
 
 
 @pytest.mark.parametrize("head_dim", [32, 40, 72, 80, 96, 256])  # 72: DiT, PixArt; 40, 80, 96: between powers of two

@@ -246,7 +246,7 @@ def forward_kernel_sm90(q_txt, q_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, 
         alpha = gl.exp2(m_i - m_new)
         l_i = l_i * alpha + gl.sum(p, 1)
         m_i = m_new
-        acc = warpgroup_mma_wait(0, deps=[o_tok])
+        acc, p_op = warpgroup_mma_wait(0, deps=[o_tok, p_op])  # p_op: registers the wgmma reads
         if j + 1 < n_blocks:
             _issue_kv(v_seq, v_img, v_ext, v_ring, v_bars, prev, kv_bh, j + 1, n_first, n_image, vy0, vx0)
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
@@ -259,7 +259,7 @@ def forward_kernel_sm90(q_txt, q_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, 
     last = (n_blocks - 1) % 2
     mbarrier.wait(v_bars.index(last), ((n_blocks - 1) // 2) & 1)
     o_tok = warpgroup_mma(p_op, v_ring.index(last), acc, is_async=True)
-    acc = warpgroup_mma_wait(0, deps=[o_tok])
+    acc, p_op = warpgroup_mma_wait(0, deps=[o_tok, p_op])
 
     mbarrier.invalidate(q_bar)
     for i in gl.static_range(2):
@@ -275,4 +275,213 @@ def forward_kernel_sm90(q_txt, q_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, 
         tma.async_copy_shared_to_global(o_img, [bh, qy0, qx0, 0], q_smem.reshape([1, 8, 8, HEAD_DIM]))
     lse = (m_i + gl.log2(l_i)) / LN2_INV  # natural log
     gl.store(Lse + bh.to(gl.int64) * n_tokens + rows, lse, mask=row_ok)
+    tma.store_wait(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# dK/dV: one program per key block (64 text keys, an 8x8 image key tile or 64 extra keys) and
+# (batch, kv head), over the 64-row query blocks that see it, for each query head of its GQA group.
+# K and V stay in shared memory; Q and dO of the query blocks stream through a two-slot ring.
+
+
+@gluon.jit
+def _issue_query_block(q_seq, do_seq, q_img, do_img, q_ring, do_ring, bars, slot, bh, jj, n_first, first_row, y0,
+                       x0):
+    """TMA loads of Q and dO of query block jj of head bh into ring slot ``slot`` (one mbarrier): block
+    jj < n_first is rows first_row + jj*64.. of the sequence, the others the 8x8 image tile at (y0, x0)."""
+    q_dst = q_ring.index(slot)
+    do_dst = do_ring.index(slot)
+    bar = bars.index(slot)
+    mbarrier.expect(bar, 2 * BLOCK * q_dst.shape[1] * q_dst.dtype.primitive_bitwidth // 8)
+    if jj < n_first:
+        row = first_row + jj * BLOCK
+        tma.async_copy_global_to_shared(q_seq, [bh, row, 0], bar, q_dst.reshape([1, BLOCK, q_dst.shape[1]]))
+        tma.async_copy_global_to_shared(do_seq, [bh, row, 0], bar, do_dst.reshape([1, BLOCK, q_dst.shape[1]]))
+    else:
+        tma.async_copy_global_to_shared(q_img, [bh, y0, x0, 0], bar, q_dst.reshape([1, 8, 8, q_dst.shape[1]]))
+        tma.async_copy_global_to_shared(do_img, [bh, y0, x0, 0], bar, do_dst.reshape([1, 8, 8, q_dst.shape[1]]))
+
+
+@gluon.jit
+def _row_stats(Lse, Delta, bh, n_tokens, n_text, grid_h, grid_w, jj, n_first, first_row, first_end, y0, x0, valid,
+               layout: gl.constexpr):
+    """Base-2 lse and delta of query block jj (lse = +inf, so p = 0, on rows outside the block's
+    range or the grid, and on every row when not ``valid``)."""
+    offs = gl.arange(0, BLOCK, layout=layout)
+    qy = y0 + offs // 8
+    qx = x0 + offs % 8
+    contiguous = jj < n_first
+    rows = gl.where(contiguous, first_row + jj * BLOCK + offs, n_text + qy * grid_w + qx)
+    ok = gl.where(contiguous, rows < first_end, (qy < grid_h) & (qx < grid_w)) & valid
+    base = bh.to(gl.int64) * n_tokens
+    lse2 = gl.load(Lse + base + rows, mask=ok, other=float("inf")) * LN2_INV
+    return lse2, gl.load(Delta + base + rows, mask=ok, other=0.0)
+
+
+@gluon.jit
+def _advance_query(b, per_head, n_first, y0, x0, x_end, cy, cx, c_end, ky0, ky1, kx0, kx1, grid_h, grid_w, reach_x,
+                   max_d2, CIRCLE: gl.constexpr):
+    """The query-walk cursor after block b: the next image query tile after an image block, back to
+    the first (y0, x0, x_end) after the last block of a head."""
+    jj = b % per_head
+    if jj >= n_first:
+        cy, cx, c_end = _walk_next(cy, cx, c_end, ky0, ky1, kx0, kx1, grid_h, grid_w, reach_x, max_d2, CIRCLE)
+    if jj == per_head - 1:
+        cy, cx, c_end = y0, x0, x_end
+    return cy, cx, c_end
+
+
+@gluon.jit(do_not_specialize=RUNTIME_INTS)
+def kv_grad_kernel_sm90(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_img, k_ext, v_ext, dk_txt, dv_txt,
+                        dk_img, dv_img, dk_ext, dv_ext, Lse, Delta, heads, group, n_tokens, n_text, grid_h, grid_w,
+                        n_extra, tiles_x, n_text_blocks, n_image_tiles, n_extra_blocks, n_heads, reach_y, reach_x,
+                        max_d2, qk_scale, scale, HEAD_DIM: gl.constexpr, CIRCLE: gl.constexpr):
+    dtype: gl.constexpr = k_img.dtype
+    st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, BLOCK, 16])  # [keys, queries]
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, HEAD_DIM, 16])
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    col_layout: gl.constexpr = gl.SliceLayout(0, st_layout)
+    key_layout: gl.constexpr = gl.SliceLayout(1, st_layout)
+    vec_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    tile_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, HEAD_DIM], dtype)
+
+    # program -> (key block, batch*kv head): the text and extra key blocks (seen by every query) of
+    # every head first, then the image key tiles
+    pid = gl.program_id(0)
+    n_long = (n_text_blocks + n_extra_blocks) * n_heads
+    long_block = pid // n_heads
+    image_pid = gl.maximum(pid - n_long, 0)
+    is_long = pid < n_long
+    tile = gl.where(is_long, gl.where(long_block < n_text_blocks, long_block, long_block + n_image_tiles),
+                    n_text_blocks + image_pid % gl.maximum(n_image_tiles, 1))
+    kv_bh = gl.where(is_long, pid % n_heads, image_pid // gl.maximum(n_image_tiles, 1))
+    kv_heads = heads // group
+    first_bh = (kv_bh // kv_heads) * heads + (kv_bh % kv_heads) * group
+    text_key = tile < n_text_blocks
+    image_key = (tile >= n_text_blocks) & (tile < n_text_blocks + n_image_tiles)
+    extra_row0 = (tile - n_text_blocks - n_image_tiles) * BLOCK
+    image_tile = gl.maximum(tile - n_text_blocks, 0)
+    ky0 = (image_tile // tiles_x) * 8
+    kx0 = (image_tile % tiles_x) * 8
+
+    k_smem = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], tile_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], tile_layout)
+    q_ring = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], tile_layout)
+    do_ring = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], tile_layout)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for i in gl.static_range(2):
+        mbarrier.init(bars.index(i), count=1)
+    mbarrier.expect(kv_bar, 2 * BLOCK * HEAD_DIM * dtype.primitive_bitwidth // 8)
+    if text_key:
+        tma.async_copy_global_to_shared(k_txt, [kv_bh, tile * BLOCK, 0], kv_bar, k_smem.reshape([1, BLOCK, HEAD_DIM]))
+        tma.async_copy_global_to_shared(v_txt, [kv_bh, tile * BLOCK, 0], kv_bar, v_smem.reshape([1, BLOCK, HEAD_DIM]))
+    elif image_key:
+        tma.async_copy_global_to_shared(k_img, [kv_bh, ky0, kx0, 0], kv_bar, k_smem.reshape([1, 8, 8, HEAD_DIM]))
+        tma.async_copy_global_to_shared(v_img, [kv_bh, ky0, kx0, 0], kv_bar, v_smem.reshape([1, 8, 8, HEAD_DIM]))
+    else:
+        if k_ext is not None:
+            tma.async_copy_global_to_shared(k_ext, [kv_bh, extra_row0, 0], kv_bar,
+                                            k_smem.reshape([1, BLOCK, HEAD_DIM]))
+            tma.async_copy_global_to_shared(v_ext, [kv_bh, extra_row0, 0], kv_bar,
+                                            v_smem.reshape([1, BLOCK, HEAD_DIM]))
+
+    # The query blocks of one head: n_first contiguous 64-row blocks from first_row (every query row
+    # for text keys, the text rows for image keys, the image rows for extra keys; rows up to
+    # first_end), then the image query tiles the pattern around an image key tile reaches.
+    ky1, kx1, y0, x0, x_end, n_walk = _walk_start(ky0, kx0, grid_h, grid_w, reach_y, reach_x, max_d2, CIRCLE)
+    first_row = gl.where(text_key | image_key, 0, n_text)
+    first_end = gl.where(image_key, n_text, n_tokens)
+    n_first = (first_end - first_row + BLOCK - 1) // BLOCK
+    per_head = n_first + gl.where(image_key, n_walk, 0)
+    n_blocks = per_head * group
+    key_offs = gl.arange(0, BLOCK, layout=key_layout)
+    ky = ky0 + key_offs // 8
+    kx = kx0 + key_offs % 8
+    col_offs = gl.arange(0, BLOCK, layout=col_layout)
+
+    # Two-slot ring as in the forward: block j+2 is loaded once block j's products have completed;
+    # cursor c gives the image tile of each load, the statistics and the mask of the same block
+    # reuse its coordinates one (n) and two (cur) iterations later.
+    cy, cx, c_end = y0, x0, x_end
+    _issue_query_block(q_seq, do_seq, q_img, do_img, q_ring, do_ring, bars, 0, first_bh, 0, n_first, first_row, cy,
+                       cx)
+    cur_y, cur_x = cy, cx
+    cy, cx, c_end = _advance_query(0, per_head, n_first, y0, x0, x_end, cy, cx, c_end, ky0, ky1, kx0, kx1, grid_h,
+                                   grid_w, reach_x, max_d2, CIRCLE)
+    if 1 < n_blocks:
+        _issue_query_block(q_seq, do_seq, q_img, do_img, q_ring, do_ring, bars, 1, first_bh + 1 // per_head,
+                           1 % per_head, n_first, first_row, cy, cx)
+    next_y, next_x = cy, cx
+    cy, cx, c_end = _advance_query(1, per_head, n_first, y0, x0, x_end, cy, cx, c_end, ky0, ky1, kx0, kx1, grid_h,
+                                   grid_w, reach_x, max_d2, CIRCLE)
+    lse_next, delta_next = _row_stats(Lse, Delta, first_bh, n_tokens, n_text, grid_h, grid_w, 0, n_first, first_row,
+                                      first_end, cur_y, cur_x, True, vec_layout)
+
+    zeros_st = gl.zeros([BLOCK, BLOCK], gl.float32, st_layout)
+    dk = gl.zeros([BLOCK, HEAD_DIM], gl.float32, acc_layout)
+    dv = gl.zeros([BLOCK, HEAD_DIM], gl.float32, acc_layout)
+    mbarrier.wait(kv_bar, 0)
+    for j in range(n_blocks):
+        slot = j % 2
+        g = j // per_head
+        jj = j - g * per_head
+        mbarrier.wait(bars.index(slot), (j // 2) & 1)
+        s_tok = warpgroup_mma(k_smem, q_ring.index(slot).permute((1, 0)), zeros_st, use_acc=False, is_async=True)
+        dp_tok = warpgroup_mma(v_smem, do_ring.index(slot).permute((1, 0)), zeros_st, use_acc=False, is_async=True)
+        lse2 = gl.convert_layout(lse_next, col_layout)
+        delta = gl.convert_layout(delta_next, col_layout)
+        lse_next, delta_next = _row_stats(Lse, Delta, first_bh + (j + 1) // per_head, n_tokens, n_text, grid_h,
+                                          grid_w, (j + 1) % per_head, n_first, first_row, first_end, next_y, next_x,
+                                          j + 1 < n_blocks, vec_layout)
+        s = warpgroup_mma_wait(1, deps=[s_tok])
+        p = gl.exp2(s * qk_scale - lse2[None, :])
+        if jj >= n_first:  # an image query tile: the element mask where the pattern cuts it
+            far_y = gl.maximum(cur_y + 7 - ky0, ky1 - cur_y)
+            far_x = gl.maximum(cur_x + 7 - kx0, kx1 - cur_x)
+            if CIRCLE:
+                inside = far_y * far_y + far_x * far_x <= max_d2
+            else:
+                inside = (far_y <= reach_y) & (far_x <= reach_x)
+            if not inside:
+                dy = ky[:, None] - (cur_y + col_offs // 8)[None, :]
+                dx = kx[:, None] - (cur_x + col_offs % 8)[None, :]
+                if CIRCLE:
+                    ok = dy * dy + dx * dx <= max_d2
+                else:
+                    ok = (gl.abs(dy) <= reach_y) & (gl.abs(dx) <= reach_x)
+                p = gl.where(ok, p, 0.0)
+        p_op = gl.convert_layout(p.to(dtype), op_layout)
+        dv_tok = warpgroup_mma(p_op, do_ring.index(slot), dv, is_async=True)
+        dp = warpgroup_mma_wait(1, deps=[dp_tok])
+        ds_op = gl.convert_layout((p * (dp - delta[None, :])).to(dtype), op_layout)
+        dk_tok = warpgroup_mma(ds_op, q_ring.index(slot), dk, is_async=True)
+        dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, p_op, ds_op])
+        if j + 2 < n_blocks:
+            _issue_query_block(q_seq, do_seq, q_img, do_img, q_ring, do_ring, bars, slot,
+                               first_bh + (j + 2) // per_head, (j + 2) % per_head, n_first, first_row, cy, cx)
+        cur_y, cur_x = next_y, next_x
+        next_y, next_x = cy, cx
+        cy, cx, c_end = _advance_query(j + 2, per_head, n_first, y0, x0, x_end, cy, cx, c_end, ky0, ky1, kx0, kx1,
+                                       grid_h, grid_w, reach_x, max_d2, CIRCLE)
+
+    mbarrier.invalidate(kv_bar)
+    for i in gl.static_range(2):
+        mbarrier.invalidate(bars.index(i))
+    k_smem.store((dk * scale).to(dtype))  # K and V are no longer read: their buffers stage dK and dV
+    v_smem.store(dv.to(dtype))
+    fence_async_shared()
+    if text_key:  # stores clipped at n_text, at the grid and at n_extra
+        tma.async_copy_shared_to_global(dk_txt, [kv_bh, tile * BLOCK, 0], k_smem.reshape([1, BLOCK, HEAD_DIM]))
+        tma.async_copy_shared_to_global(dv_txt, [kv_bh, tile * BLOCK, 0], v_smem.reshape([1, BLOCK, HEAD_DIM]))
+    elif image_key:
+        tma.async_copy_shared_to_global(dk_img, [kv_bh, ky0, kx0, 0], k_smem.reshape([1, 8, 8, HEAD_DIM]))
+        tma.async_copy_shared_to_global(dv_img, [kv_bh, ky0, kx0, 0], v_smem.reshape([1, 8, 8, HEAD_DIM]))
+    else:
+        if dk_ext is not None:
+            tma.async_copy_shared_to_global(dk_ext, [kv_bh, extra_row0, 0], k_smem.reshape([1, BLOCK, HEAD_DIM]))
+            tma.async_copy_shared_to_global(dv_ext, [kv_bh, extra_row0, 0], v_smem.reshape([1, BLOCK, HEAD_DIM]))
     tma.store_wait(0)

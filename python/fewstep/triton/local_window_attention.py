@@ -46,9 +46,9 @@ class Tiles(NamedTuple):
     num_stages: int
 
 
-# The Gluon forward's fixed tiles: 8x8 queries (one warpgroup) against 8x8 key tiles and 64-row
-# blocks, K and V in two-slot shared-memory rings.
-GLUON_FORWARD_TILES = Tiles(8, 8, 8, 8, 4, 2)
+# The Gluon kernels' fixed tiles: 8x8 grid positions (or 64 rows) on both sides, one warpgroup,
+# the streamed operands in two-slot shared-memory rings.
+GLUON_TILES = Tiles(8, 8, 8, 8, 4, 2)
 
 
 class KernelTiles(NamedTuple):
@@ -172,12 +172,12 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_k: Optional
             extra_v: Optional[torch.Tensor], grid_h: int, grid_w: int, n_text: int, radius: float, window_h: int,
             window_w: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse): checks the arguments and launches the forward kernel (the Gluon one where
-    ``gluon_forward_supported``). The op ``fewstep::local_window_attention_triton`` runs this; eager
+    ``gluon_supported``). The op ``fewstep::local_window_attention_triton`` runs this; eager
     autograd calls it directly (fewstep.ops.local_window_attention)."""
     check_triton_args(q)
     check_forward_args(q, k, v, extra_k, extra_v, grid_h, grid_w, n_text, radius, window_h, window_w, scale)
-    return launch_forward(gluon_forward_supported(q), q, k, v, extra_k, extra_v, grid_h, grid_w, n_text, radius,
-                          window_h, window_w, scale)
+    return launch_forward(False, q, k, v, extra_k, extra_v, grid_h, grid_w, n_text, radius, window_h, window_w,
+                          scale)
 
 
 @functools.cache
@@ -185,10 +185,10 @@ def _is_sm90(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) == (9, 0)
 
 
-def gluon_forward_supported(q: torch.Tensor) -> bool:
-    """Whether the Gluon forward (``_local_window_attention_gluon``, Hopper only) runs ``q``: fp16 or
+def gluon_supported(q: torch.Tensor) -> bool:
+    """Whether the Gluon kernels (``_local_window_attention_gluon``, Hopper only) run ``q``: fp16 or
     bf16 with head dims up to 128 on an sm_90 GPU. fp32, D > 128, other GPUs and the interpreter
-    run the Triton forward kernel."""
+    run the Triton kernels."""
     return (q.is_cuda and not _interpreted() and q.dtype in (torch.float16, torch.bfloat16)
             and block_head_dim(q.shape[3]) <= 128 and _is_sm90(q.device.index or 0))
 
@@ -204,7 +204,7 @@ def launch_forward(gluon: bool, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     batch, heads, n_tokens, head_dim = q.shape
     group = heads // k.shape[1]
     block_d = block_head_dim(head_dim)
-    tiles = GLUON_FORWARD_TILES if gluon else kernel_tiles(block_d, q.dtype).forward
+    tiles = GLUON_TILES if gluon else kernel_tiles(block_d, q.dtype).forward
     block_m, block_n = tiles.ty * tiles.tx, tiles.ky * tiles.kx
     n_extra, k_ext, v_ext = 0, None, None  # None: compiled out (fewer descriptors per launch)
     if extra_k is not None:  # checked non-empty
@@ -244,7 +244,18 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     check_triton_args(q)
     check_backward_args(grad_out, q, k, v, extra_k, extra_v, out, lse, grid_h, grid_w, n_text, radius, window_h,
                         window_w, scale)
+    return launch_backward(gluon_supported(q), grad_out, q, k, v, extra_k, extra_v, out, lse, grid_h, grid_w, n_text,
+                           radius, window_h, window_w, scale)
+
+
+def launch_backward(gluon: bool, grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    extra_k: Optional[torch.Tensor], extra_v: Optional[torch.Tensor], out: torch.Tensor,
+                    lse: torch.Tensor, grid_h: int, grid_w: int, n_text: int, radius: float, window_h: int,
+                    window_w: int, scale: float):
+    """Launches the backward kernels on checked arguments, dK/dV through the Gluon kernel when ``gluon``."""
     triton, _, delta_kernel, kv_grad_kernel, q_grad_kernel = _kernels()
+    if gluon:
+        from fewstep.triton._local_window_attention_gluon import kv_grad_kernel_sm90 as kv_grad_kernel
     grad_out, q, k, v, out = (_tma_ready(t) for t in (grad_out, q, k, v, out))
     lse = lse.contiguous()
     batch, heads, n_tokens, head_dim = q.shape
@@ -254,6 +265,8 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     pattern = _pattern(grid_h, grid_w, radius, window_h, window_w)
     block_d = block_head_dim(head_dim)
     tiles, q_tiles = kernel_tiles(block_d, q.dtype)[1:]
+    if gluon:
+        tiles = GLUON_TILES
     precision = _precision(q.dtype)
     delta = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     n_rows = batch * heads * n_tokens
@@ -263,7 +276,7 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         extra_k, extra_v = _tma_ready(extra_k), _tma_ready(extra_v)
         dextra_k, dextra_v = torch.empty_like(extra_k), torch.empty_like(extra_v)
         n_extra = extra_k.shape[2]
-        extras = [_sequence(t, n_extra, block_n) for t in (extra_k, extra_v, dextra_k, dextra_v)]
+        extras = [_sequence(t, n_extra, block_n, gluon) for t in (extra_k, extra_v, dextra_k, dextra_v)]
     else:
         dextra_k = k.new_empty(batch, kv_heads, 0, head_dim)
         dextra_v = v.new_empty(batch, kv_heads, 0, head_dim)
@@ -276,18 +289,22 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         n_image_key_tiles = triton.cdiv(grid_h, tiles.ky) * key_tiles_x
         n_text_key_blocks = triton.cdiv(n_text, block_n)
         n_extra_key_blocks = triton.cdiv(n_extra, block_n)
-        key_tile = dict(n_text=n_text, grid_h=grid_h, grid_w=grid_w, rows=tiles.ky, cols=tiles.kx)
-        query_tile = dict(n_text=n_text, grid_h=grid_h, grid_w=grid_w, rows=tiles.ty, cols=tiles.tx)
-        kv_grad_kernel[((n_text_key_blocks + n_image_key_tiles + n_extra_key_blocks) * batch * kv_heads,)](
-            _sequence(q, n_tokens, block_m), _sequence(grad_out, n_tokens, block_m), _image(q, **query_tile),
-            _image(grad_out, **query_tile), _sequence(k, n_text, block_n), _sequence(v, n_text, block_n),
-            _image(k, **key_tile), _image(v, **key_tile), extras[0], extras[1], _sequence(dk, n_text, block_n),
-            _sequence(dv, n_text, block_n), _image(dk, **key_tile), _image(dv, **key_tile), extras[2], extras[3],
-            lse, delta, heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, key_tiles_x, n_text_key_blocks,
-            n_image_key_tiles, n_extra_key_blocks, batch * kv_heads, pattern.reach_y, pattern.reach_x, pattern.max_d2,
-            scale * LOG2E, scale,
-            HEAD_DIM=block_d, TY=tiles.ty, TX=tiles.tx, KY=tiles.ky, KX=tiles.kx, CIRCLE=pattern.circle,
-            PRECISION=precision, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        key_tile = dict(n_text=n_text, grid_h=grid_h, grid_w=grid_w, rows=tiles.ky, cols=tiles.kx, gluon=gluon)
+        query_tile = dict(n_text=n_text, grid_h=grid_h, grid_w=grid_w, rows=tiles.ty, cols=tiles.tx, gluon=gluon)
+        args = (_sequence(q, n_tokens, block_m, gluon), _sequence(grad_out, n_tokens, block_m, gluon),
+                _image(q, **query_tile), _image(grad_out, **query_tile), _sequence(k, n_text, block_n, gluon),
+                _sequence(v, n_text, block_n, gluon), _image(k, **key_tile), _image(v, **key_tile), extras[0], extras[1],
+                _sequence(dk, n_text, block_n, gluon), _sequence(dv, n_text, block_n, gluon), _image(dk, **key_tile),
+                _image(dv, **key_tile), extras[2], extras[3], lse, delta, heads, group, n_tokens, n_text, grid_h,
+                grid_w, n_extra, key_tiles_x, n_text_key_blocks, n_image_key_tiles, n_extra_key_blocks,
+                batch * kv_heads, pattern.reach_y, pattern.reach_x, pattern.max_d2, scale * LOG2E, scale)
+        kv_programs = ((n_text_key_blocks + n_image_key_tiles + n_extra_key_blocks) * batch * kv_heads,)
+        if gluon:
+            kv_grad_kernel[kv_programs](*args, HEAD_DIM=block_d, CIRCLE=pattern.circle, num_warps=tiles.num_warps)
+        else:
+            kv_grad_kernel[kv_programs](*args, HEAD_DIM=block_d, TY=tiles.ty, TX=tiles.tx, KY=tiles.ky, KX=tiles.kx,
+                                        CIRCLE=pattern.circle, PRECISION=precision, num_warps=tiles.num_warps,
+                                        num_stages=tiles.num_stages)
         block_m, block_n = q_tiles.ty * q_tiles.tx, q_tiles.ky * q_tiles.kx
         key_tile = dict(n_text=n_text, grid_h=grid_h, grid_w=grid_w, rows=q_tiles.ky, cols=q_tiles.kx)
         query_tile = dict(n_text=n_text, grid_h=grid_h, grid_w=grid_w, rows=q_tiles.ty, cols=q_tiles.tx)
@@ -321,5 +338,5 @@ def compiled_kernel_count() -> int:
     kernels = list(_kernels()[1:])
     gluon = sys.modules.get("fewstep.triton._local_window_attention_gluon")
     if gluon is not None:
-        kernels.append(gluon.forward_kernel_sm90)
+        kernels += [gluon.forward_kernel_sm90, gluon.kv_grad_kernel_sm90]
     return sum(len(cache[0]) for kernel in kernels for cache in getattr(kernel, "device_caches", {}).values())
