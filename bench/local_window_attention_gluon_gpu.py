@@ -11,6 +11,7 @@ Usage: ``python bench/local_window_attention_gluon_gpu.py [--out DIR]``; writes
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -27,7 +28,16 @@ from fewstep.triton import local_window_attention as lwa  # noqa: E402
 from fewstep.triton.local_window_attention_work import admitted_pairs, kernel_work  # noqa: E402
 
 SHAPES = [*CASES, MODEL_CASES[2], Shape(64, 512, 16, True, 24, 64, "D=64")]
-VARIANTS = {"triton": False, "gluon": True}
+GLUON_MODULE = "fewstep.triton._local_window_attention_gluon"
+
+
+def gluon_variant(name: str, path: str):
+    """A copy of the Gluon kernel module (same kernel names and signatures) to time against the
+    landed one: the launchers import the kernels from sys.modules[GLUON_MODULE] at each call."""
+    spec = importlib.util.spec_from_file_location(f"lwa_gluon_variant_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def inputs(shape: Shape, seed: int = 0):
@@ -40,7 +50,11 @@ def inputs(shape: Shape, seed: int = 0):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
+    parser.add_argument("variants", nargs="*", help="NAME=PATH of a copy of the Gluon kernel module")
     args = parser.parse_args()
+    import fewstep.triton._local_window_attention_gluon as landed
+    variants = {"triton": (False, landed), "gluon dK/dV": (True, landed), "gluon": (True, landed)}
+    variants.update({name: (True, gluon_variant(name, path)) for name, path in (v.split("=", 1) for v in args.variants)})
     rows = []
     for shape in SHAPES:
         q, k, v = inputs(shape)
@@ -50,7 +64,9 @@ def main():
         flops = 4 * shape.head_dim
         ref_out, ref_lse = lwa.launch_forward(False, q, k, v, None, None, *pattern)
         label = f"{shape.side}x{shape.side}+{shape.n_text} r={shape.radius:g} {shape.heads}x{shape.head_dim}"
-        for name, gluon in VARIANTS.items():
+        for name, (gluon, module) in variants.items():
+            sys.modules[GLUON_MODULE] = module
+            lwa.GLUON_BACKWARD = {"kv_grad"} if name == "gluon dK/dV" else {"kv_grad", "q_grad"}
             out, lse = lwa.launch_forward(gluon, q, k, v, None, None, *pattern)
             ms = graph_replay_ms(lambda: lwa.launch_forward(gluon, q, k, v, None, None, *pattern))
             grad_out = torch.randn_like(q)
@@ -67,6 +83,7 @@ def main():
                        max_lse_diff=float((lse - ref_lse).abs().max()))
             rows.append(row)
             print(row, flush=True)
+        sys.modules[GLUON_MODULE] = landed
         dense_ms = graph_replay_ms(lambda: F.scaled_dot_product_attention(q, k, v))
         n = q.shape[2]
         rows.append(dict(shape=label, variant="dense SDPA", ms=round(dense_ms, 4),

@@ -485,3 +485,139 @@ def kv_grad_kernel_sm90(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_img
             tma.async_copy_shared_to_global(dk_ext, [kv_bh, extra_row0, 0], k_smem.reshape([1, BLOCK, HEAD_DIM]))
             tma.async_copy_shared_to_global(dv_ext, [kv_bh, extra_row0, 0], v_smem.reshape([1, BLOCK, HEAD_DIM]))
     tma.store_wait(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# dQ: one program per query block (as the forward) and (batch, head), over the same key blocks;
+# Q and dO stay in shared memory, K and V stream through two-slot rings.
+
+
+@gluon.jit
+def _query_program(n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x, n_text_blocks, n_image_tiles, n_heads, heads,
+                   group, reach_y, reach_x, max_d2, row_layout: gl.constexpr, CIRCLE: gl.constexpr):
+    """This program's query block and its key blocks. Programs: the text query blocks of every head
+    first, then each head's 8x8 image tiles. Key blocks: n_first contiguous 64-row blocks of the
+    sequence (every key for a text query, the text keys for an image query; first_keys keys), the
+    n_image key tiles of the walk around the query tile (first one at (y0, x0), its row ending at
+    x_end), then the extra blocks."""
+    pid = gl.program_id(0)
+    n_long = n_text_blocks * n_heads
+    image_pid = gl.maximum(pid - n_long, 0)
+    is_text = pid < n_long
+    tile = gl.where(is_text, pid // n_heads, n_text_blocks + image_pid % gl.maximum(n_image_tiles, 1))
+    bh = gl.where(is_text, pid % n_heads, image_pid // gl.maximum(n_image_tiles, 1))
+    kv_bh = (bh // heads) * (heads // group) + (bh % heads) // group
+    image_tile = gl.maximum(tile - n_text_blocks, 0)
+    qy0 = (image_tile // tiles_x) * 8
+    qx0 = (image_tile % tiles_x) * 8
+    fy1, fx1, y0, x0, x_end, n_walk = _walk_start(qy0, qx0, grid_h, grid_w, reach_y, reach_x, max_d2, CIRCLE)
+    first_keys = gl.where(is_text, n_tokens, n_text)
+    n_first = (first_keys + BLOCK - 1) // BLOCK
+    n_image = gl.where(is_text, 0, n_walk)
+    n_blocks = n_first + n_image + gl.where(is_text, 0, (n_extra + BLOCK - 1) // BLOCK)
+    offs = gl.arange(0, BLOCK, layout=row_layout)
+    qy = qy0 + offs // 8
+    qx = qx0 + offs % 8
+    rows = gl.where(is_text, tile * BLOCK + offs, n_text + qy * grid_w + qx)
+    row_ok = gl.where(is_text, rows < n_text, (qy < grid_h) & (qx < grid_w))
+    return (tile, bh, kv_bh, is_text, qy0, qx0, fy1, fx1, y0, x0, x_end, first_keys, n_first, n_image, n_blocks, qy,
+            qx, rows, row_ok)
+
+
+@gluon.jit
+def _issue_query_tile(txt_desc, img_desc, dst, bar, bh, tile, qy0, qx0, is_text):
+    """TMA load of this program's query block (64 text rows or the 8x8 image tile) of one operand."""
+    if is_text:
+        tma.async_copy_global_to_shared(txt_desc, [bh, tile * BLOCK, 0], bar, dst.reshape([1, BLOCK, dst.shape[1]]))
+    else:
+        tma.async_copy_global_to_shared(img_desc, [bh, qy0, qx0, 0], bar, dst.reshape([1, 8, 8, dst.shape[1]]))
+
+
+@gluon.jit(do_not_specialize=RUNTIME_INTS)
+def q_grad_kernel_sm90(q_txt, do_txt, q_img, do_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, dq_txt, dq_img, Lse,
+                       Delta, heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x, n_text_blocks,
+                       n_image_tiles, n_heads, reach_y, reach_x, max_d2, qk_scale, scale, HEAD_DIM: gl.constexpr,
+                       CIRCLE: gl.constexpr):
+    dtype: gl.constexpr = q_img.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK, 16])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, HEAD_DIM, 16])
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    tile_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, HEAD_DIM], dtype)
+
+    (tile, bh, kv_bh, is_text, qy0, qx0, fy1, fx1, y0, x0, x_end, first_keys, n_first, n_image, n_blocks, qy, qx, rows,
+     row_ok) = _query_program(n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x, n_text_blocks, n_image_tiles,
+                              n_heads, heads, group, reach_y, reach_x, max_d2, row_layout, CIRCLE)
+
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], tile_layout)
+    do_smem = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], tile_layout)
+    k_ring = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], tile_layout)
+    v_ring = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], tile_layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    v_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(2):
+        mbarrier.init(k_bars.index(i), count=1)
+        mbarrier.init(v_bars.index(i), count=1)
+    mbarrier.expect(q_bar, 2 * BLOCK * HEAD_DIM * dtype.primitive_bitwidth // 8)
+    _issue_query_tile(q_txt, q_img, q_smem, q_bar, bh, tile, qy0, qx0, is_text)
+    _issue_query_tile(do_txt, do_img, do_smem, q_bar, bh, tile, qy0, qx0, is_text)
+    base = bh.to(gl.int64) * n_tokens
+    lse2 = gl.load(Lse + base + rows, mask=row_ok, other=float("inf")) * LN2_INV  # p = 0 on rows outside
+    delta = gl.load(Delta + base + rows, mask=row_ok, other=0.0)
+
+    # Two-slot rings: blocks j+2 are loaded once block j's products have completed; cursor c gives
+    # the image tile of each load, the masks reuse its coordinates two iterations later (cur).
+    cy0, cx0, cx_end = y0, x0, x_end
+    _issue_kv(k_seq, k_img, k_ext, k_ring, k_bars, 0, kv_bh, 0, n_first, n_image, cy0, cx0)
+    _issue_kv(v_seq, v_img, v_ext, v_ring, v_bars, 0, kv_bh, 0, n_first, n_image, cy0, cx0)
+    cur_y, cur_x = cy0, cx0
+    cy0, cx0, cx_end = _advance(0, n_first, n_image, cy0, cx0, cx_end, qy0, fy1, qx0, fx1, grid_h, grid_w, reach_x,
+                                max_d2, CIRCLE)
+    if 1 < n_blocks:
+        _issue_kv(k_seq, k_img, k_ext, k_ring, k_bars, 1, kv_bh, 1, n_first, n_image, cy0, cx0)
+        _issue_kv(v_seq, v_img, v_ext, v_ring, v_bars, 1, kv_bh, 1, n_first, n_image, cy0, cx0)
+    next_y, next_x = cy0, cx0
+    cy0, cx0, cx_end = _advance(1, n_first, n_image, cy0, cx0, cx_end, qy0, fy1, qx0, fx1, grid_h, grid_w, reach_x,
+                                max_d2, CIRCLE)
+
+    zeros_s = gl.zeros([BLOCK, BLOCK], gl.float32, s_layout)
+    dq = gl.zeros([BLOCK, HEAD_DIM], gl.float32, acc_layout)
+    mbarrier.wait(q_bar, 0)
+    for j in range(n_blocks):
+        slot = j % 2
+        phase = (j // 2) & 1
+        mbarrier.wait(k_bars.index(slot), phase)
+        s_tok = warpgroup_mma(q_smem, k_ring.index(slot).permute((1, 0)), zeros_s, use_acc=False, is_async=True)
+        mbarrier.wait(v_bars.index(slot), phase)
+        dp_tok = warpgroup_mma(do_smem, v_ring.index(slot).permute((1, 0)), zeros_s, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(1, deps=[s_tok])
+        s = _scores_mask(s, j, n_first, first_keys, n_image, n_extra, qy, qx, cur_y, cur_x, qy0, fy1, qx0, fx1,
+                         grid_h, grid_w, reach_y, reach_x, max_d2, s_layout, CIRCLE)
+        p = gl.exp2(s * qk_scale - lse2[:, None])
+        dp = warpgroup_mma_wait(0, deps=[dp_tok])
+        ds_op = gl.convert_layout((p * (dp - delta[:, None])).to(dtype), op_layout)
+        dq_tok = warpgroup_mma(ds_op, k_ring.index(slot), dq, is_async=True)
+        dq, ds_op = warpgroup_mma_wait(0, deps=[dq_tok, ds_op])
+        if j + 2 < n_blocks:
+            _issue_kv(k_seq, k_img, k_ext, k_ring, k_bars, slot, kv_bh, j + 2, n_first, n_image, cy0, cx0)
+            _issue_kv(v_seq, v_img, v_ext, v_ring, v_bars, slot, kv_bh, j + 2, n_first, n_image, cy0, cx0)
+        cur_y, cur_x = next_y, next_x
+        next_y, next_x = cy0, cx0
+        cy0, cx0, cx_end = _advance(j + 2, n_first, n_image, cy0, cx0, cx_end, qy0, fy1, qx0, fx1, grid_h, grid_w,
+                                    reach_x, max_d2, CIRCLE)
+
+    mbarrier.invalidate(q_bar)
+    for i in gl.static_range(2):
+        mbarrier.invalidate(k_bars.index(i))
+        mbarrier.invalidate(v_bars.index(i))
+    q_smem.store((dq * scale).to(dtype))  # Q is no longer read: its buffer stages dQ
+    fence_async_shared()
+    if is_text:  # stores clipped at n_text and at the grid
+        tma.async_copy_shared_to_global(dq_txt, [bh, tile * BLOCK, 0], q_smem.reshape([1, BLOCK, HEAD_DIM]))
+    else:
+        tma.async_copy_shared_to_global(dq_img, [bh, qy0, qx0, 0], q_smem.reshape([1, 8, 8, HEAD_DIM]))
+    tma.store_wait(0)

@@ -49,6 +49,7 @@ class Tiles(NamedTuple):
 # The Gluon kernels' fixed tiles: 8x8 grid positions (or 64 rows) on both sides, one warpgroup,
 # the streamed operands in two-slot shared-memory rings.
 GLUON_TILES = Tiles(8, 8, 8, 8, 4, 2)
+GLUON_BACKWARD = {"kv_grad", "q_grad"}  # the backward kernels launch_backward(gluon=True) takes from Gluon
 
 
 class KernelTiles(NamedTuple):
@@ -305,23 +306,31 @@ def launch_backward(gluon: bool, grad_out: torch.Tensor, q: torch.Tensor, k: tor
             kv_grad_kernel[kv_programs](*args, HEAD_DIM=block_d, TY=tiles.ty, TX=tiles.tx, KY=tiles.ky, KX=tiles.kx,
                                         CIRCLE=pattern.circle, PRECISION=precision, num_warps=tiles.num_warps,
                                         num_stages=tiles.num_stages)
+        gluon_q = gluon and "q_grad" in GLUON_BACKWARD
+        if gluon_q:
+            from fewstep.triton._local_window_attention_gluon import q_grad_kernel_sm90 as q_grad_kernel
+            q_tiles = GLUON_TILES
         block_m, block_n = q_tiles.ty * q_tiles.tx, q_tiles.ky * q_tiles.kx
-        key_tile = dict(n_text=n_text, grid_h=grid_h, grid_w=grid_w, rows=q_tiles.ky, cols=q_tiles.kx)
-        query_tile = dict(n_text=n_text, grid_h=grid_h, grid_w=grid_w, rows=q_tiles.ty, cols=q_tiles.tx)
+        key_tile = dict(n_text=n_text, grid_h=grid_h, grid_w=grid_w, rows=q_tiles.ky, cols=q_tiles.kx, gluon=gluon_q)
+        query_tile = dict(n_text=n_text, grid_h=grid_h, grid_w=grid_w, rows=q_tiles.ty, cols=q_tiles.tx, gluon=gluon_q)
         q_tiles_x = triton.cdiv(grid_w, q_tiles.tx)
         n_text_query_blocks = triton.cdiv(n_text, block_m)
         n_image_query_tiles = triton.cdiv(grid_h, q_tiles.ty) * q_tiles_x
-        k_ext, v_ext = ((_sequence(extra_k, n_extra, block_n), _sequence(extra_v, n_extra, block_n)) if n_extra
-                        else (None, None))
-        q_grad_kernel[((n_text_query_blocks + n_image_query_tiles) * batch * heads,)](
-            _sequence(q, n_text, block_m), _sequence(grad_out, n_text, block_m), _image(q, **query_tile),
-            _image(grad_out, **query_tile), _sequence(k, n_tokens, block_n), _sequence(v, n_tokens, block_n),
-            _image(k, **key_tile), _image(v, **key_tile), k_ext, v_ext, _sequence(dq, n_text, block_m),
-            _image(dq, **query_tile), lse, delta, heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, q_tiles_x,
-            n_text_query_blocks, n_image_query_tiles, batch * heads, pattern.reach_y, pattern.reach_x, pattern.max_d2,
-            scale * LOG2E, scale,
-            HEAD_DIM=block_d, TY=q_tiles.ty, TX=q_tiles.tx, KY=q_tiles.ky, KX=q_tiles.kx, CIRCLE=pattern.circle,
-            PRECISION=precision, num_warps=q_tiles.num_warps, num_stages=q_tiles.num_stages)
+        k_ext, v_ext = ((_sequence(extra_k, n_extra, block_n, gluon_q), _sequence(extra_v, n_extra, block_n, gluon_q))
+                        if n_extra else (None, None))
+        args = (_sequence(q, n_text, block_m, gluon_q), _sequence(grad_out, n_text, block_m, gluon_q),
+                _image(q, **query_tile), _image(grad_out, **query_tile), _sequence(k, n_tokens, block_n, gluon_q),
+                _sequence(v, n_tokens, block_n, gluon_q), _image(k, **key_tile), _image(v, **key_tile), k_ext, v_ext,
+                _sequence(dq, n_text, block_m, gluon_q), _image(dq, **query_tile), lse, delta, heads, group, n_tokens,
+                n_text, grid_h, grid_w, n_extra, q_tiles_x, n_text_query_blocks, n_image_query_tiles, batch * heads,
+                pattern.reach_y, pattern.reach_x, pattern.max_d2, scale * LOG2E, scale)
+        q_programs = ((n_text_query_blocks + n_image_query_tiles) * batch * heads,)
+        if gluon_q:
+            q_grad_kernel[q_programs](*args, HEAD_DIM=block_d, CIRCLE=pattern.circle, num_warps=q_tiles.num_warps)
+        else:
+            q_grad_kernel[q_programs](*args, HEAD_DIM=block_d, TY=q_tiles.ty, TX=q_tiles.tx, KY=q_tiles.ky,
+                                      KX=q_tiles.kx, CIRCLE=pattern.circle, PRECISION=precision,
+                                      num_warps=q_tiles.num_warps, num_stages=q_tiles.num_stages)
     return dq, dk, dv, dextra_k, dextra_v
 
 
@@ -338,5 +347,5 @@ def compiled_kernel_count() -> int:
     kernels = list(_kernels()[1:])
     gluon = sys.modules.get("fewstep.triton._local_window_attention_gluon")
     if gluon is not None:
-        kernels += [gluon.forward_kernel_sm90, gluon.kv_grad_kernel_sm90]
+        kernels += [gluon.forward_kernel_sm90, gluon.kv_grad_kernel_sm90, gluon.q_grad_kernel_sm90]
     return sum(len(cache[0]) for kernel in kernels for cache in getattr(kernel, "device_caches", {}).values())
