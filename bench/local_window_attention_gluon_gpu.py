@@ -53,7 +53,7 @@ def main():
     parser.add_argument("variants", nargs="*", help="NAME=PATH of a copy of the Gluon kernel module")
     args = parser.parse_args()
     import fewstep.triton._local_window_attention_gluon as landed
-    variants = {"triton": (False, landed), "gluon dK/dV": (True, landed), "gluon": (True, landed)}
+    variants = {"triton": (False, landed), "gluon": (True, landed)}
     variants.update({name: (True, gluon_variant(name, path)) for name, path in (v.split("=", 1) for v in args.variants)})
     rows = []
     for shape in SHAPES:
@@ -66,7 +66,6 @@ def main():
         label = f"{shape.side}x{shape.side}+{shape.n_text} r={shape.radius:g} {shape.heads}x{shape.head_dim}"
         for name, (gluon, module) in variants.items():
             sys.modules[GLUON_MODULE] = module
-            lwa.GLUON_BACKWARD = {"kv_grad"} if name == "gluon dK/dV" else {"kv_grad", "q_grad"}
             out, lse = lwa.launch_forward(gluon, q, k, v, None, None, *pattern)
             ms = graph_replay_ms(lambda: lwa.launch_forward(gluon, q, k, v, None, None, *pattern))
             grad_out = torch.randn_like(q)

@@ -1,5 +1,5 @@
-"""fewstep.local_window_attention on the GPU (Triton kernels at their GPU tile sizes): forward, lse
-and gradients in bf16/fp16/fp32 against the float64 reference, error at most 2x that of the same
+"""fewstep.local_window_attention on the GPU (the Gluon kernels on Hopper, the Triton kernels at
+their GPU tile sizes, both compared on the same inputs): forward, lse and gradients in bf16/fp16/fp32 against the float64 reference, error at most 2x that of the same
 dense masked computation done by PyTorch at the input dtype; no recompilation across grids, text
 lengths and radii; deterministic backward; the torch.library contract on CUDA tensors."""
 from __future__ import annotations
@@ -81,7 +81,7 @@ GLUON_CASES = {**CASES, "3x5 one key block": Case(1, 2, 1, 64, (3, 5), 0, radius
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", list(GLUON_CASES))
 def test_gluon_kernels_match_reference(name, dtype, head_dim):
-    """The Gluon sm_90 kernels (forward, dK/dV) against the float64 reference, next to the Triton
+    """The Gluon sm_90 kernels (forward, dK/dV, dQ) against the float64 reference, next to the Triton
     kernels on the same inputs: out, lse and the five gradients."""
     case = replace(GLUON_CASES[name], head_dim=head_dim)
     inputs = make_inputs(case, dtype, seed=zlib.crc32(name.encode()) + head_dim, requires_grad=True)

@@ -1,20 +1,21 @@
-"""Hopper (sm_90) forward kernel of local-window attention in Gluon, Triton's explicit-layout
-language: the same tile walk and semantics as ``forward_kernel`` in
-:mod:`fewstep.triton._local_window_attention_kernels`, with the pipeline written by hand, which
-Triton's compiler does not do for this loop (docs/attention.md, "Gluon forward"):
+"""Hopper (sm_90) kernels of local-window attention in Gluon, Triton's explicit-layout language:
+forward, dK/dV and dQ with the same tile walk and semantics as the Triton kernels of
+:mod:`fewstep.triton._local_window_attention_kernels`, with the pipelines written by hand
+(docs/attention.md, "Gluon kernels on Hopper"):
 
-- K and V of every key block arrive by TMA in two-slot rings with one mbarrier per slot; a slot is
-  refilled as soon as the wgmma that read it has completed (K of block j+2 right after the scores
-  of block j, V of block j+1 right after P_{j-1} V_{j-1});
-- FlashAttention-3's order within the warpgroup: S_j = Q K_j^T and O += P_{j-1} V_{j-1} are issued
-  together, and the softmax of S_j runs while P_{j-1} V_{j-1} is still on the tensor cores;
-- one walk cursor per program: the image tile of each K load; the V load and the score mask of the
-  same block reuse its coordinates one and two iterations later;
-- P stays in registers as the A operand of P V (no shared-memory round trip).
+- the streamed operands arrive by TMA in shared-memory rings with one mbarrier per slot, and a
+  slot is refilled as soon as the wgmma that read it has completed;
+- the products are asynchronous wgmmas issued in pairs where they are independent (S and P V in
+  the forward, in FlashAttention-3's order; S and dP in the backward), so the softmax or the
+  gradient of one runs while the other is still on the tensor cores;
+- P and dS stay in registers as the A operands of P V, P^T dO, dS^T Q and dS K;
+- one walk cursor per program gives the image tile of each load; the masks reuse its coordinates
+  two iterations later.
 
-One warpgroup per program, 64 queries (an 8x8 image tile or 64 text rows) against key blocks of
-64 (8x8 image tiles, or 64 contiguous text / extra rows). Imported on first launch on a GPU only:
-Gluon has no CPU interpreter, so the CPU tests exercise ``forward_kernel`` and the GPU tests this.
+Every program is one warpgroup: 64 queries (an 8x8 image tile or 64 text rows) against key blocks
+of 64 (8x8 image tiles, or 64 contiguous text / extra rows). The module is imported on the first
+launch on a Hopper GPU only: Gluon has no CPU interpreter, so the CPU tests run the Triton kernels
+and the GPU tests both.
 """
 from __future__ import annotations
 
@@ -136,20 +137,14 @@ def _scores_mask(s, j, n_first, first_keys, n_image, n_extra, qy, qx, ky0, kx0, 
     return s
 
 
-@gluon.jit(do_not_specialize=RUNTIME_INTS)
-def forward_kernel_sm90(q_txt, q_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, o_txt, o_img, Lse, heads, group,
-                        n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x, n_text_blocks, n_image_tiles, n_heads,
-                        reach_y, reach_x, max_d2, qk_scale, HEAD_DIM: gl.constexpr, CIRCLE: gl.constexpr):
-    dtype: gl.constexpr = q_img.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
-    tile_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, HEAD_DIM], dtype)
-
-    # program -> (block, batch*head): text query blocks of every head first, then the image tiles
+@gluon.jit
+def _query_program(n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x, n_text_blocks, n_image_tiles, n_heads, heads,
+                   group, reach_y, reach_x, max_d2, row_layout: gl.constexpr, CIRCLE: gl.constexpr):
+    """This program's query block and its key blocks. Programs: the text query blocks of every head
+    first, then each head's 8x8 image tiles. Key blocks: n_first contiguous 64-row blocks of the
+    sequence (every key for a text query, the text keys for an image query; first_keys keys), the
+    n_image key tiles of the walk around the query tile (first one at (y0, x0), its row ending at
+    x_end), then the extra blocks."""
     pid = gl.program_id(0)
     n_long = n_text_blocks * n_heads
     image_pid = gl.maximum(pid - n_long, 0)
@@ -157,20 +152,6 @@ def forward_kernel_sm90(q_txt, q_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, 
     tile = gl.where(is_text, pid // n_heads, n_text_blocks + image_pid % gl.maximum(n_image_tiles, 1))
     bh = gl.where(is_text, pid % n_heads, image_pid // gl.maximum(n_image_tiles, 1))
     kv_bh = (bh // heads) * (heads // group) + (bh % heads) // group
-
-    q_smem = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], tile_layout)
-    k_ring = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], tile_layout)
-    v_ring = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], tile_layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    v_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(2):
-        mbarrier.init(k_bars.index(i), count=1)
-        mbarrier.init(v_bars.index(i), count=1)
-
-    # The program's key blocks: n_first contiguous blocks of the sequence (every key for a text query,
-    # the text keys for an image query), then the image key tiles, then the extra blocks.
     image_tile = gl.maximum(tile - n_text_blocks, 0)
     qy0 = (image_tile // tiles_x) * 8
     qx0 = (image_tile % tiles_x) * 8
@@ -184,17 +165,55 @@ def forward_kernel_sm90(q_txt, q_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, 
     qx = qx0 + offs % 8
     rows = gl.where(is_text, tile * BLOCK + offs, n_text + qy * grid_w + qx)
     row_ok = gl.where(is_text, rows < n_text, (qy < grid_h) & (qx < grid_w))
+    return (tile, bh, kv_bh, is_text, qy0, qx0, fy1, fx1, y0, x0, x_end, first_keys, n_first, n_image, n_blocks, qy,
+            qx, rows, row_ok)
+
+
+@gluon.jit
+def _issue_query_tile(txt_desc, img_desc, dst, bar, bh, tile, qy0, qx0, is_text):
+    """TMA load of this program's query block (64 text rows or the 8x8 image tile) of one operand."""
+    if is_text:
+        tma.async_copy_global_to_shared(txt_desc, [bh, tile * BLOCK, 0], bar, dst.reshape([1, BLOCK, dst.shape[1]]))
+    else:
+        tma.async_copy_global_to_shared(img_desc, [bh, qy0, qx0, 0], bar, dst.reshape([1, 8, 8, dst.shape[1]]))
+
+
+@gluon.jit(do_not_specialize=RUNTIME_INTS)
+def forward_kernel_sm90(q_txt, q_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, o_txt, o_img, Lse, heads, group,
+                        n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x, n_text_blocks, n_image_tiles, n_heads,
+                        reach_y, reach_x, max_d2, qk_scale, HEAD_DIM: gl.constexpr, CIRCLE: gl.constexpr):
+    dtype: gl.constexpr = q_img.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    tile_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, HEAD_DIM], dtype)
+
+    (tile, bh, kv_bh, is_text, qy0, qx0, fy1, fx1, y0, x0, x_end, first_keys, n_first, n_image, n_blocks, qy, qx, rows,
+     row_ok) = _query_program(n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x, n_text_blocks, n_image_tiles,
+                              n_heads, heads, group, reach_y, reach_x, max_d2, row_layout, CIRCLE)
+
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], tile_layout)
+    k_ring = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], tile_layout)
+    v_ring = gl.allocate_shared_memory(dtype, [1, BLOCK, HEAD_DIM], tile_layout)  # one slot: 3 programs per SM
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    v_bars = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(2):
+        mbarrier.init(k_bars.index(i), count=1)
+    mbarrier.init(v_bars.index(0), count=1)
 
     mbarrier.expect(q_bar, BLOCK * HEAD_DIM * dtype.primitive_bitwidth // 8)
-    if is_text:
-        tma.async_copy_global_to_shared(q_txt, [bh, tile * BLOCK, 0], q_bar, q_smem.reshape([1, BLOCK, HEAD_DIM]))
-    else:
-        tma.async_copy_global_to_shared(q_img, [bh, qy0, qx0, 0], q_bar, q_smem.reshape([1, 8, 8, HEAD_DIM]))
+    _issue_query_tile(q_txt, q_img, q_smem, q_bar, bh, tile, qy0, qx0, is_text)
 
-    # Two-slot rings. In iteration j, K of block j+2 goes into the slot S_j has just read and V of
-    # block j+1 into the slot P_{j-1} V_{j-1} has just read. One walk cursor (c) gives the image
-    # tile of each K load; V loads and the masks take the same coordinates one and two iterations
-    # later (v, s).
+    # K in a two-slot ring, V in one slot (so that three programs fit an SM's shared memory at
+    # D = 128: measured 2-6 % faster than two V slots and two programs). In iteration j, K of block
+    # j+2 goes into the slot S_j has just read, and V of block j into the V slot once P_{j-1} V_{j-1}
+    # has read it. One walk cursor (c) gives the image tile of each K load; the masks and V loads
+    # take the same coordinates two iterations later (s).
     cy0, cx0, cx_end = y0, x0, x_end
     _issue_kv(k_seq, k_img, k_ext, k_ring, k_bars, 0, kv_bh, 0, n_first, n_image, cy0, cx0)
     _issue_kv(v_seq, v_img, v_ext, v_ring, v_bars, 0, kv_bh, 0, n_first, n_image, cy0, cx0)
@@ -203,8 +222,7 @@ def forward_kernel_sm90(q_txt, q_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, 
                                 max_d2, CIRCLE)
     if 1 < n_blocks:
         _issue_kv(k_seq, k_img, k_ext, k_ring, k_bars, 1, kv_bh, 1, n_first, n_image, cy0, cx0)
-        _issue_kv(v_seq, v_img, v_ext, v_ring, v_bars, 1, kv_bh, 1, n_first, n_image, cy0, cx0)
-    vy0, vx0 = cy0, cx0
+    next_y, next_x = cy0, cx0
     cy0, cx0, cx_end = _advance(1, n_first, n_image, cy0, cx0, cx_end, qy0, fy1, qx0, fx1, grid_h, grid_w, reach_x,
                                 max_d2, CIRCLE)
 
@@ -222,19 +240,18 @@ def forward_kernel_sm90(q_txt, q_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, 
     p = gl.exp2(s * qk_scale - m_i[:, None])
     l_i = gl.sum(p, 1)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
-    sy0, sx0 = vy0, vx0
-    vy0, vx0 = cy0, cx0
+    sy0, sx0 = next_y, next_x
+    next_y, next_x = cy0, cx0
     cy0, cx0, cx_end = _advance(2, n_first, n_image, cy0, cx0, cx_end, qy0, fy1, qx0, fx1, grid_h, grid_w, reach_x,
                                 max_d2, CIRCLE)
     acc = gl.zeros([BLOCK, HEAD_DIM], gl.float32, o_layout)
 
     for j in range(1, n_blocks):
         slot = j % 2
-        prev = 1 - slot
         mbarrier.wait(k_bars.index(slot), (j // 2) & 1)
         s_tok = warpgroup_mma(q_smem, k_ring.index(slot).permute((1, 0)), zeros_s, use_acc=False, is_async=True)
-        mbarrier.wait(v_bars.index(prev), ((j - 1) // 2) & 1)
-        o_tok = warpgroup_mma(p_op, v_ring.index(prev), acc, is_async=True)
+        mbarrier.wait(v_bars.index(0), (j - 1) & 1)
+        o_tok = warpgroup_mma(p_op, v_ring.index(0), acc, is_async=True)
         # the scores of block j (issued first) are ready; the softmax runs while P V is computed
         s = warpgroup_mma_wait(1, deps=[s_tok])
         if j + 2 < n_blocks:
@@ -247,24 +264,22 @@ def forward_kernel_sm90(q_txt, q_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, 
         l_i = l_i * alpha + gl.sum(p, 1)
         m_i = m_new
         acc, p_op = warpgroup_mma_wait(0, deps=[o_tok, p_op])  # p_op: registers the wgmma reads
-        if j + 1 < n_blocks:
-            _issue_kv(v_seq, v_img, v_ext, v_ring, v_bars, prev, kv_bh, j + 1, n_first, n_image, vy0, vx0)
+        _issue_kv(v_seq, v_img, v_ext, v_ring, v_bars, 0, kv_bh, j, n_first, n_image, sy0, sx0)
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
         p_op = gl.convert_layout(p.to(dtype), p_layout)
-        sy0, sx0 = vy0, vx0
-        vy0, vx0 = cy0, cx0
+        sy0, sx0 = next_y, next_x
+        next_y, next_x = cy0, cx0
         cy0, cx0, cx_end = _advance(j + 2, n_first, n_image, cy0, cx0, cx_end, qy0, fy1, qx0, fx1, grid_h, grid_w,
                                     reach_x, max_d2, CIRCLE)
 
-    last = (n_blocks - 1) % 2
-    mbarrier.wait(v_bars.index(last), ((n_blocks - 1) // 2) & 1)
-    o_tok = warpgroup_mma(p_op, v_ring.index(last), acc, is_async=True)
+    mbarrier.wait(v_bars.index(0), (n_blocks - 1) & 1)
+    o_tok = warpgroup_mma(p_op, v_ring.index(0), acc, is_async=True)
     acc, p_op = warpgroup_mma_wait(0, deps=[o_tok, p_op])
 
     mbarrier.invalidate(q_bar)
     for i in gl.static_range(2):
         mbarrier.invalidate(k_bars.index(i))
-        mbarrier.invalidate(v_bars.index(i))
+    mbarrier.invalidate(v_bars.index(0))
 
     acc = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
     q_smem.store(acc.to(dtype))  # Q is no longer read: its buffer stages the output
@@ -490,47 +505,6 @@ def kv_grad_kernel_sm90(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_img
 # ---------------------------------------------------------------------------------------------
 # dQ: one program per query block (as the forward) and (batch, head), over the same key blocks;
 # Q and dO stay in shared memory, K and V stream through two-slot rings.
-
-
-@gluon.jit
-def _query_program(n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x, n_text_blocks, n_image_tiles, n_heads, heads,
-                   group, reach_y, reach_x, max_d2, row_layout: gl.constexpr, CIRCLE: gl.constexpr):
-    """This program's query block and its key blocks. Programs: the text query blocks of every head
-    first, then each head's 8x8 image tiles. Key blocks: n_first contiguous 64-row blocks of the
-    sequence (every key for a text query, the text keys for an image query; first_keys keys), the
-    n_image key tiles of the walk around the query tile (first one at (y0, x0), its row ending at
-    x_end), then the extra blocks."""
-    pid = gl.program_id(0)
-    n_long = n_text_blocks * n_heads
-    image_pid = gl.maximum(pid - n_long, 0)
-    is_text = pid < n_long
-    tile = gl.where(is_text, pid // n_heads, n_text_blocks + image_pid % gl.maximum(n_image_tiles, 1))
-    bh = gl.where(is_text, pid % n_heads, image_pid // gl.maximum(n_image_tiles, 1))
-    kv_bh = (bh // heads) * (heads // group) + (bh % heads) // group
-    image_tile = gl.maximum(tile - n_text_blocks, 0)
-    qy0 = (image_tile // tiles_x) * 8
-    qx0 = (image_tile % tiles_x) * 8
-    fy1, fx1, y0, x0, x_end, n_walk = _walk_start(qy0, qx0, grid_h, grid_w, reach_y, reach_x, max_d2, CIRCLE)
-    first_keys = gl.where(is_text, n_tokens, n_text)
-    n_first = (first_keys + BLOCK - 1) // BLOCK
-    n_image = gl.where(is_text, 0, n_walk)
-    n_blocks = n_first + n_image + gl.where(is_text, 0, (n_extra + BLOCK - 1) // BLOCK)
-    offs = gl.arange(0, BLOCK, layout=row_layout)
-    qy = qy0 + offs // 8
-    qx = qx0 + offs % 8
-    rows = gl.where(is_text, tile * BLOCK + offs, n_text + qy * grid_w + qx)
-    row_ok = gl.where(is_text, rows < n_text, (qy < grid_h) & (qx < grid_w))
-    return (tile, bh, kv_bh, is_text, qy0, qx0, fy1, fx1, y0, x0, x_end, first_keys, n_first, n_image, n_blocks, qy,
-            qx, rows, row_ok)
-
-
-@gluon.jit
-def _issue_query_tile(txt_desc, img_desc, dst, bar, bh, tile, qy0, qx0, is_text):
-    """TMA load of this program's query block (64 text rows or the 8x8 image tile) of one operand."""
-    if is_text:
-        tma.async_copy_global_to_shared(txt_desc, [bh, tile * BLOCK, 0], bar, dst.reshape([1, BLOCK, dst.shape[1]]))
-    else:
-        tma.async_copy_global_to_shared(img_desc, [bh, qy0, qx0, 0], bar, dst.reshape([1, 8, 8, dst.shape[1]]))
 
 
 @gluon.jit(do_not_specialize=RUNTIME_INTS)

@@ -49,7 +49,6 @@ class Tiles(NamedTuple):
 # The Gluon kernels' fixed tiles: 8x8 grid positions (or 64 rows) on both sides, one warpgroup,
 # the streamed operands in two-slot shared-memory rings.
 GLUON_TILES = Tiles(8, 8, 8, 8, 4, 2)
-GLUON_BACKWARD = {"kv_grad", "q_grad"}  # the backward kernels launch_backward(gluon=True) takes from Gluon
 
 
 class KernelTiles(NamedTuple):
@@ -173,11 +172,12 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_k: Optional
             extra_v: Optional[torch.Tensor], grid_h: int, grid_w: int, n_text: int, radius: float, window_h: int,
             window_w: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse): checks the arguments and launches the forward kernel (the Gluon one where
-    ``gluon_supported``). The op ``fewstep::local_window_attention_triton`` runs this; eager
+    ``gluon_supported`` at head dims 65-128). The op ``fewstep::local_window_attention_triton`` runs this; eager
     autograd calls it directly (fewstep.ops.local_window_attention)."""
     check_triton_args(q)
     check_forward_args(q, k, v, extra_k, extra_v, grid_h, grid_w, n_text, radius, window_h, window_w, scale)
-    return launch_forward(False, q, k, v, extra_k, extra_v, grid_h, grid_w, n_text, radius, window_h, window_w,
+    gluon = gluon_supported(q) and block_head_dim(q.shape[3]) == 128  # at D <= 64 the Triton forward is as fast
+    return launch_forward(gluon, q, k, v, extra_k, extra_v, grid_h, grid_w, n_text, radius, window_h, window_w,
                           scale)
 
 
@@ -192,6 +192,18 @@ def gluon_supported(q: torch.Tensor) -> bool:
     run the Triton kernels."""
     return (q.is_cuda and not _interpreted() and q.dtype in (torch.float16, torch.bfloat16)
             and block_head_dim(q.shape[3]) <= 128 and _is_sm90(q.device.index or 0))
+
+
+def _launch(kernel, programs: int, args: tuple, gluon: bool, tiles: Tiles, block_d: int, circle: bool,
+            dtype: torch.dtype) -> None:
+    """One launch over a 1-D grid of ``programs``: a Gluon kernel (its tiles fixed in the kernel, one
+    warpgroup) or a Triton kernel compiled for ``tiles``."""
+    if gluon:
+        kernel[(programs,)](*args, HEAD_DIM=block_d, CIRCLE=circle, num_warps=tiles.num_warps)
+    else:
+        kernel[(programs,)](*args, HEAD_DIM=block_d, TY=tiles.ty, TX=tiles.tx, KY=tiles.ky, KX=tiles.kx,
+                            CIRCLE=circle, PRECISION=_precision(dtype), num_warps=tiles.num_warps,
+                            num_stages=tiles.num_stages)
 
 
 def launch_forward(gluon: bool, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_k: Optional[torch.Tensor],
@@ -226,13 +238,8 @@ def launch_forward(gluon: bool, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
             heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x, n_text_blocks, n_image_tiles,
             batch * heads, pattern.reach_y, pattern.reach_x, pattern.max_d2, scale * LOG2E)
     with _device_guard(q):
-        if gluon:
-            forward_kernel[((n_text_blocks + n_image_tiles) * batch * heads,)](
-                *args, HEAD_DIM=block_d, CIRCLE=pattern.circle, num_warps=tiles.num_warps)
-        else:
-            forward_kernel[((n_text_blocks + n_image_tiles) * batch * heads,)](
-                *args, HEAD_DIM=block_d, TY=tiles.ty, TX=tiles.tx, KY=tiles.ky, KX=tiles.kx, CIRCLE=pattern.circle,
-                PRECISION=_precision(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        _launch(forward_kernel, (n_text_blocks + n_image_tiles) * batch * heads, args, gluon, tiles, block_d,
+                pattern.circle, q.dtype)
     return out, lse
 
 
@@ -253,10 +260,12 @@ def launch_backward(gluon: bool, grad_out: torch.Tensor, q: torch.Tensor, k: tor
                     extra_k: Optional[torch.Tensor], extra_v: Optional[torch.Tensor], out: torch.Tensor,
                     lse: torch.Tensor, grid_h: int, grid_w: int, n_text: int, radius: float, window_h: int,
                     window_w: int, scale: float):
-    """Launches the backward kernels on checked arguments, dK/dV through the Gluon kernel when ``gluon``."""
+    """Launches the backward kernels on checked arguments: delta, then dK/dV and dQ through the Gluon
+    kernels when ``gluon``, the Triton ones otherwise."""
     triton, _, delta_kernel, kv_grad_kernel, q_grad_kernel = _kernels()
     if gluon:
         from fewstep.triton._local_window_attention_gluon import kv_grad_kernel_sm90 as kv_grad_kernel
+        from fewstep.triton._local_window_attention_gluon import q_grad_kernel_sm90 as q_grad_kernel
     grad_out, q, k, v, out = (_tma_ready(t) for t in (grad_out, q, k, v, out))
     lse = lse.contiguous()
     batch, heads, n_tokens, head_dim = q.shape
@@ -265,10 +274,7 @@ def launch_backward(gluon: bool, grad_out: torch.Tensor, q: torch.Tensor, k: tor
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     pattern = _pattern(grid_h, grid_w, radius, window_h, window_w)
     block_d = block_head_dim(head_dim)
-    tiles, q_tiles = kernel_tiles(block_d, q.dtype)[1:]
-    if gluon:
-        tiles = GLUON_TILES
-    precision = _precision(q.dtype)
+    tiles, q_tiles = (GLUON_TILES, GLUON_TILES) if gluon else kernel_tiles(block_d, q.dtype)[1:]
     delta = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     n_rows = batch * heads * n_tokens
     delta_block = max(16, 4096 // block_d)
@@ -299,38 +305,24 @@ def launch_backward(gluon: bool, grad_out: torch.Tensor, q: torch.Tensor, k: tor
                 _image(dv, **key_tile), extras[2], extras[3], lse, delta, heads, group, n_tokens, n_text, grid_h,
                 grid_w, n_extra, key_tiles_x, n_text_key_blocks, n_image_key_tiles, n_extra_key_blocks,
                 batch * kv_heads, pattern.reach_y, pattern.reach_x, pattern.max_d2, scale * LOG2E, scale)
-        kv_programs = ((n_text_key_blocks + n_image_key_tiles + n_extra_key_blocks) * batch * kv_heads,)
-        if gluon:
-            kv_grad_kernel[kv_programs](*args, HEAD_DIM=block_d, CIRCLE=pattern.circle, num_warps=tiles.num_warps)
-        else:
-            kv_grad_kernel[kv_programs](*args, HEAD_DIM=block_d, TY=tiles.ty, TX=tiles.tx, KY=tiles.ky, KX=tiles.kx,
-                                        CIRCLE=pattern.circle, PRECISION=precision, num_warps=tiles.num_warps,
-                                        num_stages=tiles.num_stages)
-        gluon_q = gluon and "q_grad" in GLUON_BACKWARD
-        if gluon_q:
-            from fewstep.triton._local_window_attention_gluon import q_grad_kernel_sm90 as q_grad_kernel
-            q_tiles = GLUON_TILES
+        _launch(kv_grad_kernel, (n_text_key_blocks + n_image_key_tiles + n_extra_key_blocks) * batch * kv_heads, args,
+                gluon, tiles, block_d, pattern.circle, q.dtype)
         block_m, block_n = q_tiles.ty * q_tiles.tx, q_tiles.ky * q_tiles.kx
-        key_tile = dict(n_text=n_text, grid_h=grid_h, grid_w=grid_w, rows=q_tiles.ky, cols=q_tiles.kx, gluon=gluon_q)
-        query_tile = dict(n_text=n_text, grid_h=grid_h, grid_w=grid_w, rows=q_tiles.ty, cols=q_tiles.tx, gluon=gluon_q)
+        key_tile = dict(n_text=n_text, grid_h=grid_h, grid_w=grid_w, rows=q_tiles.ky, cols=q_tiles.kx, gluon=gluon)
+        query_tile = dict(n_text=n_text, grid_h=grid_h, grid_w=grid_w, rows=q_tiles.ty, cols=q_tiles.tx, gluon=gluon)
         q_tiles_x = triton.cdiv(grid_w, q_tiles.tx)
         n_text_query_blocks = triton.cdiv(n_text, block_m)
         n_image_query_tiles = triton.cdiv(grid_h, q_tiles.ty) * q_tiles_x
-        k_ext, v_ext = ((_sequence(extra_k, n_extra, block_n, gluon_q), _sequence(extra_v, n_extra, block_n, gluon_q))
+        k_ext, v_ext = ((_sequence(extra_k, n_extra, block_n, gluon), _sequence(extra_v, n_extra, block_n, gluon))
                         if n_extra else (None, None))
-        args = (_sequence(q, n_text, block_m, gluon_q), _sequence(grad_out, n_text, block_m, gluon_q),
-                _image(q, **query_tile), _image(grad_out, **query_tile), _sequence(k, n_tokens, block_n, gluon_q),
-                _sequence(v, n_tokens, block_n, gluon_q), _image(k, **key_tile), _image(v, **key_tile), k_ext, v_ext,
-                _sequence(dq, n_text, block_m, gluon_q), _image(dq, **query_tile), lse, delta, heads, group, n_tokens,
+        args = (_sequence(q, n_text, block_m, gluon), _sequence(grad_out, n_text, block_m, gluon),
+                _image(q, **query_tile), _image(grad_out, **query_tile), _sequence(k, n_tokens, block_n, gluon),
+                _sequence(v, n_tokens, block_n, gluon), _image(k, **key_tile), _image(v, **key_tile), k_ext, v_ext,
+                _sequence(dq, n_text, block_m, gluon), _image(dq, **query_tile), lse, delta, heads, group, n_tokens,
                 n_text, grid_h, grid_w, n_extra, q_tiles_x, n_text_query_blocks, n_image_query_tiles, batch * heads,
                 pattern.reach_y, pattern.reach_x, pattern.max_d2, scale * LOG2E, scale)
-        q_programs = ((n_text_query_blocks + n_image_query_tiles) * batch * heads,)
-        if gluon_q:
-            q_grad_kernel[q_programs](*args, HEAD_DIM=block_d, CIRCLE=pattern.circle, num_warps=q_tiles.num_warps)
-        else:
-            q_grad_kernel[q_programs](*args, HEAD_DIM=block_d, TY=q_tiles.ty, TX=q_tiles.tx, KY=q_tiles.ky,
-                                      KX=q_tiles.kx, CIRCLE=pattern.circle, PRECISION=precision,
-                                      num_warps=q_tiles.num_warps, num_stages=q_tiles.num_stages)
+        _launch(q_grad_kernel, (n_text_query_blocks + n_image_query_tiles) * batch * heads, args, gluon, q_tiles,
+                block_d, pattern.circle, q.dtype)
     return dq, dk, dv, dextra_k, dextra_v
 
 
