@@ -92,7 +92,7 @@ def main():
     env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
     with open(os.path.join(args.out, "local_window_attention_gluon.json"), "w") as f:
         json.dump(dict(env=env, rows=rows), f, indent=1)
-    lines = [f"# Local-window attention forward: Gluon sm_90 kernel against the Triton kernel ({env['gpu']})", "",
+    lines = [f"# Local-window attention: Gluon sm_90 kernels against the Triton kernels ({env['gpu']})", "",
              f"torch {env['torch']}, triton {env['triton']}; bf16, B=1; CUDA-graph device time.", "",
              "| shape | kernels | forward ms | backward ms | forward useful TFLOP/s | forward computed TFLOP/s | "
              "max out diff | max lse diff | max dK, dV diff (relative to max) |",

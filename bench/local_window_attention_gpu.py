@@ -120,7 +120,8 @@ def _guarded(case, provider, body):
 
 def run(rec, cases=CASES):
     import fewstep
-    from fewstep.triton.local_window_attention import block_head_dim, compiled_kernel_count
+    from fewstep.triton.local_window_attention import (GLUON_TILES, KernelTiles, block_head_dim,
+                                                       compiled_kernel_count, gluon_supported)
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 
@@ -167,8 +168,10 @@ def run(rec, cases=CASES):
                     SUITE, case, "fewstep fwd+bwd, CUDA graph (device only)", DTYPE,
                     graph_replay_ms(_fwd_bwd_step(attend, (q, k, v)))))
             # the rate on the pairs the kernels compute (whole tiles): kernel efficiency apart from tile waste
-            # (at the kernels' block width: a head dim between powers of two computes padded columns too)
-            work = kernel_work((h, w), n_text, radius=radius, head_dim=head_dim, dtype=DTYPE).flops(
+            # (at the kernels' block width: a head dim between powers of two computes padded columns too; the
+            # Gluon kernels on Hopper walk 8x8 query tiles in dK/dV too)
+            tiles = KernelTiles(GLUON_TILES, GLUON_TILES, GLUON_TILES) if gluon_supported(q) else None
+            work = kernel_work((h, w), n_text, radius=radius, head_dim=head_dim, dtype=DTYPE, tiles=tiles).flops(
                 block_head_dim(head_dim), heads)
             computed = (work["forward"], work["forward"] + work["backward"])
             for direction, ms, flops_done in zip(("fwd", "fwd+bwd"), times, computed):

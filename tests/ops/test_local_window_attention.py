@@ -351,3 +351,20 @@ def test_triton_gpu_tile_sizes_under_interpreter(monkeypatch, head_dim, case):
     same = torch.autograd.grad(same_out, leaves, grad_out.half())
     for what, g, r, s in zip(["dq", "dk", "dv", "dextra_k", "dextra_v"], grads, ref, same):
         assert_close_to_reference(g, r, s, what)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_gluon_kernels_are_chosen_for_hopper_cuda_tensors_only_and_get_swizzled_descriptors():
+    """The Gluon kernels (GPU only) are never chosen for CPU tensors or under the interpreter; their
+    host-built descriptors carry the 128-byte swizzled block layout the kernels' wgmmas read, built
+    once per block shape and dtype."""
+    from fewstep.triton import local_window_attention as lwa
+    q = torch.randn(1, 2, 7 + 9 * 11, 128, dtype=torch.bfloat16)
+    assert not lwa.gluon_supported(q)
+    image = lwa._image(q, 7, 9, 11, 8, 8, gluon=True)
+    text = lwa._sequence(q, 7, 64, gluon=True)
+    assert image.block_shape == [1, 8, 8, 128] and image.shape == [2, 9, 11, 128]
+    assert text.block_shape == [1, 64, 128] and text.shape == [2, 7, 128]
+    for desc in (image, text):
+        assert desc.layout.swizzle_byte_width == 128 and desc.layout.element_bitwidth == 16
+    assert lwa._image(q, 7, 9, 11, 8, 8, gluon=True).layout is image.layout  # cached

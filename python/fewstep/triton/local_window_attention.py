@@ -137,14 +137,21 @@ def _tma_ready(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
+@functools.cache
+def _gluon_block_layout(block: tuple, dtype: torch.dtype):
+    """The swizzled shared-memory layout of a Gluon descriptor's blocks (cached: building it costs
+    more host time than the descriptor itself)."""
+    from triton.experimental.gluon import language as gl
+    element = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[dtype]
+    return gl.NVMMASharedLayout.get_default_for(list(block), element)
+
+
 def _descriptor(base: torch.Tensor, shape: list, strides: list, block: list, gluon: bool):
     """A host-built TMA descriptor: Triton's, or Gluon's, which also carries the shared-memory layout
     of its blocks (the swizzled layout wgmma reads)."""
     if gluon:
-        from triton.experimental.gluon import language as gl
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-        element = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[base.dtype]
-        return TensorDescriptor(base, shape, strides, block, gl.NVMMASharedLayout.get_default_for(block, element))
+        return TensorDescriptor(base, shape, strides, block, _gluon_block_layout(tuple(block), base.dtype))
     from triton.tools.tensor_descriptor import TensorDescriptor
     return TensorDescriptor(base, shape, strides, block)
 
