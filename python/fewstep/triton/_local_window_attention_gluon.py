@@ -30,6 +30,12 @@ LN2_INV = gl.constexpr(1.4426950408889634)  # 1 / ln 2
 BLOCK: gl.constexpr = gl.constexpr(64)  # queries per program and keys per block
 
 
+@gluon.constexpr_function
+def _mma_layout(n):
+    """Register layout of a [64, n] wgmma accumulator of the program's one warpgroup."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
+
+
 @gluon.jit
 def _x_reach(gap_y, reach_x, max_d2, CIRCLE: gl.constexpr):
     """The largest dx with gap_y^2 + dx^2 <= max_d2 (circle; exact integer square root), or the
@@ -178,15 +184,23 @@ def _issue_query_tile(txt_desc, img_desc, dst, bar, bh, tile, qy0, qx0, is_text)
         tma.async_copy_global_to_shared(img_desc, [bh, qy0, qx0, 0], bar, dst.reshape([1, 8, 8, dst.shape[1]]))
 
 
+@gluon.jit
+def _store_query_tile(txt_desc, img_desc, src, bh, tile, qy0, qx0, is_text):
+    """TMA store of this program's query block from shared memory (clipped at n_text and at the grid)."""
+    fence_async_shared()
+    if is_text:
+        tma.async_copy_shared_to_global(txt_desc, [bh, tile * BLOCK, 0], src.reshape([1, BLOCK, src.shape[1]]))
+    else:
+        tma.async_copy_shared_to_global(img_desc, [bh, qy0, qx0, 0], src.reshape([1, 8, 8, src.shape[1]]))
+
+
 @gluon.jit(do_not_specialize=RUNTIME_INTS)
 def forward_kernel_sm90(q_txt, q_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, o_txt, o_img, Lse, heads, group,
                         n_tokens, n_text, grid_h, grid_w, n_extra, tiles_x, n_text_blocks, n_image_tiles, n_heads,
                         reach_y, reach_x, max_d2, qk_scale, HEAD_DIM: gl.constexpr, CIRCLE: gl.constexpr):
     dtype: gl.constexpr = q_img.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
+    s_layout: gl.constexpr = _mma_layout(BLOCK)
+    o_layout: gl.constexpr = _mma_layout(HEAD_DIM)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     tile_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, HEAD_DIM], dtype)
@@ -283,11 +297,7 @@ def forward_kernel_sm90(q_txt, q_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, 
 
     acc = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
     q_smem.store(acc.to(dtype))  # Q is no longer read: its buffer stages the output
-    fence_async_shared()
-    if is_text:
-        tma.async_copy_shared_to_global(o_txt, [bh, tile * BLOCK, 0], q_smem.reshape([1, BLOCK, HEAD_DIM]))
-    else:
-        tma.async_copy_shared_to_global(o_img, [bh, qy0, qx0, 0], q_smem.reshape([1, 8, 8, HEAD_DIM]))
+    _store_query_tile(o_txt, o_img, q_smem, bh, tile, qy0, qx0, is_text)
     lse = (m_i + gl.log2(l_i)) / LN2_INV  # natural log
     gl.store(Lse + bh.to(gl.int64) * n_tokens + rows, lse, mask=row_ok)
     tma.store_wait(0)
@@ -352,10 +362,8 @@ def kv_grad_kernel_sm90(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_img
                         n_extra, tiles_x, n_text_blocks, n_image_tiles, n_extra_blocks, n_heads, reach_y, reach_x,
                         max_d2, qk_scale, scale, HEAD_DIM: gl.constexpr, CIRCLE: gl.constexpr):
     dtype: gl.constexpr = k_img.dtype
-    st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, BLOCK, 16])  # [keys, queries]
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, HEAD_DIM, 16])
+    st_layout: gl.constexpr = _mma_layout(BLOCK)  # [keys, queries]
+    acc_layout: gl.constexpr = _mma_layout(HEAD_DIM)
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     col_layout: gl.constexpr = gl.SliceLayout(0, st_layout)
     key_layout: gl.constexpr = gl.SliceLayout(1, st_layout)
@@ -513,10 +521,8 @@ def q_grad_kernel_sm90(q_txt, do_txt, q_img, do_img, k_seq, v_seq, k_img, v_img,
                        n_image_tiles, n_heads, reach_y, reach_x, max_d2, qk_scale, scale, HEAD_DIM: gl.constexpr,
                        CIRCLE: gl.constexpr):
     dtype: gl.constexpr = q_img.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK, 16])
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, HEAD_DIM, 16])
+    s_layout: gl.constexpr = _mma_layout(BLOCK)
+    acc_layout: gl.constexpr = _mma_layout(HEAD_DIM)
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     tile_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, HEAD_DIM], dtype)
@@ -589,9 +595,5 @@ def q_grad_kernel_sm90(q_txt, do_txt, q_img, do_img, k_seq, v_seq, k_img, v_img,
         mbarrier.invalidate(k_bars.index(i))
         mbarrier.invalidate(v_bars.index(i))
     q_smem.store((dq * scale).to(dtype))  # Q is no longer read: its buffer stages dQ
-    fence_async_shared()
-    if is_text:  # stores clipped at n_text and at the grid
-        tma.async_copy_shared_to_global(dq_txt, [bh, tile * BLOCK, 0], q_smem.reshape([1, BLOCK, HEAD_DIM]))
-    else:
-        tma.async_copy_shared_to_global(dq_img, [bh, qy0, qx0, 0], q_smem.reshape([1, 8, 8, HEAD_DIM]))
+    _store_query_tile(dq_txt, dq_img, q_smem, bh, tile, qy0, qx0, is_text)
     tma.store_wait(0)
