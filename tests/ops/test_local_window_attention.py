@@ -368,3 +368,10 @@ def test_gluon_kernels_are_chosen_for_hopper_cuda_tensors_only_and_get_swizzled_
     for desc in (image, text):
         assert desc.layout.swizzle_byte_width == 128 and desc.layout.element_bitwidth == 16
     assert lwa._image(q, 7, 9, 11, 8, 8, gluon=True).layout is image.layout  # cached
+
+
+def test_gluon_kernels_only_under_the_triton_versions_they_were_tested_with():
+    from fewstep.triton import local_window_attention as lwa
+    assert lwa.gluon_tested_with("3.6.0") and lwa.gluon_tested_with("3.6.1+git1234")
+    assert not lwa.gluon_tested_with("3.9.0") and not lwa.gluon_tested_with("3.5.1")
+    assert not lwa.gluon_tested_with("3.60.0")

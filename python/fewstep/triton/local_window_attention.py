@@ -193,12 +193,23 @@ def _is_sm90(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) == (9, 0)
 
 
+# Gluon is experimental and its API changes between Triton releases (3.9 renamed the TMA copies):
+# the Gluon kernels run only under the Triton versions they were tested with on the GPU.
+GLUON_TRITON_VERSIONS = ("3.6",)
+
+
+def gluon_tested_with(triton_version: str) -> bool:
+    """Whether the Gluon kernels were tested under this Triton version (major.minor)."""
+    return ".".join(triton_version.split(".")[:2]) in GLUON_TRITON_VERSIONS
+
+
 def gluon_supported(q: torch.Tensor) -> bool:
     """Whether the Gluon kernels (``_local_window_attention_gluon``, Hopper only) run ``q``: fp16 or
-    bf16 with head dims up to 128 on an sm_90 GPU. fp32, D > 128, other GPUs and the interpreter
-    run the Triton kernels."""
+    bf16 with head dims up to 128 on an sm_90 GPU, under a Triton version they were tested with.
+    fp32, D > 128, other GPUs, other Triton versions and the interpreter run the Triton kernels."""
     return (q.is_cuda and not _interpreted() and q.dtype in (torch.float16, torch.bfloat16)
-            and block_head_dim(q.shape[3]) <= 128 and _is_sm90(q.device.index or 0))
+            and block_head_dim(q.shape[3]) <= 128 and _is_sm90(q.device.index or 0)
+            and gluon_tested_with(_kernels()[0].__version__))
 
 
 def _launch(kernel, programs: int, args: tuple, gluon: bool, tiles: Tiles, block_d: int, circle: bool,
