@@ -375,3 +375,85 @@ def test_gluon_kernels_only_under_the_triton_versions_they_were_tested_with():
     assert lwa.gluon_tested_with("3.6.0") and lwa.gluon_tested_with("3.6.1+git1234")
     assert not lwa.gluon_tested_with("3.9.0") and not lwa.gluon_tested_with("3.5.1")
     assert not lwa.gluon_tested_with("3.60.0")
+
+
+def _stored_ds_pairs(grid: tuple[int, int], n_text: int, n_extra: int, radius=None, window=None):
+    """The stored-dS backward's pairs of query and key blocks with their slots, as the Gluon dK/dV
+    programs write them (per key block) and as the dQ programs read them (per query block): the
+    kernels' tile walk (``_tile_walk_start`` / ``_tile_row``) and slot arithmetic (``_ds_slot``)
+    written again in Python."""
+    from fewstep.triton import local_window_attention as lwa
+    window_h, window_w = window if window is not None else (-1, -1)
+    pattern = lwa._pattern(*grid, radius or 0.0, window_h, window_w)
+    layout = lwa.stored_scores_grad(*grid, n_text, n_extra, pattern)
+    n_tb, n_eb, n_it = -(-n_text // 64), -(-n_extra // 64), layout.tiles_y * layout.tiles_x
+    box_w = 2 * layout.tile_reach_x + 1
+    image_key_slots = n_tb + (2 * layout.tile_reach_y + 1) * box_w
+
+    def walk(cty, ctx, every):
+        if every:
+            return [(ty, tx) for ty in range(layout.tiles_y) for tx in range(layout.tiles_x)]
+        tiles = []
+        for ty in range(max(cty - layout.tile_reach_y, 0), min(cty + layout.tile_reach_y + 1, layout.tiles_y)):
+            gap = max(8 * abs(ty - cty) - 7, 0)
+            reach = (math.isqrt(pattern.max_d2 - gap * gap) if pattern.circle else pattern.reach_x) + 7
+            tiles += [(ty, tx) for tx in range(max(ctx - reach // 8, 0), min(ctx + reach // 8 + 1, layout.tiles_x))]
+        return tiles
+
+    def slot(key_block, index):
+        image_base = n_tb * (n_tb + n_it)
+        if key_block < n_tb:
+            return key_block * (n_tb + n_it) + index
+        if key_block < n_tb + n_it:
+            return image_base + (key_block - n_tb) * image_key_slots + index
+        return image_base + n_it * image_key_slots + (key_block - n_tb - n_it) * n_it + index
+
+    def box(query, key):
+        return n_tb + (query[0] - key[0] + layout.tile_reach_y) * box_w + query[1] - key[1] + layout.tile_reach_x
+
+    written, read = {}, {}
+    for kb in range(n_tb + n_it + n_eb):  # dK/dV: text key blocks, image key tiles, extra key blocks
+        key = divmod(kb - n_tb, layout.tiles_x)
+        text_rows = [(("text", tb), tb) for tb in range(n_tb)] if kb < n_tb + n_it else []
+        tiles = [(("tile", t), n_tb * (kb < n_tb) + t[0] * layout.tiles_x + t[1]) for t in walk(0, 0, True)]
+        if n_tb <= kb < n_tb + n_it:
+            tiles = [(("tile", t), box(t, key)) for t in walk(*key, False)]
+        for query, index in text_rows + tiles:
+            assert (query, kb) not in written
+            written[(query, kb)] = slot(kb, index)
+    for tb in range(n_tb):  # dQ of a text query block: text key blocks, every image key tile
+        for kb in range(n_tb + n_it):
+            read[(("text", tb), kb)] = slot(kb, tb)
+    for t in walk(0, 0, True):  # dQ of an image query tile: text key blocks, its walk, extra key blocks
+        index = n_tb + t[0] * layout.tiles_x + t[1]
+        keys = ([(kb, index) for kb in range(n_tb)] + [(n_tb + kt[0] * layout.tiles_x + kt[1], box(t, kt))
+                                                       for kt in walk(*t, False)]
+                + [(n_tb + n_it + eb, index - n_tb) for eb in range(n_eb)])
+        for kb, key_index in keys:
+            read[(("tile", t), kb)] = slot(kb, key_index)
+    return pattern, layout, written, read
+
+
+@pytest.mark.parametrize("grid,n_text,n_extra,radius,window", [
+    ((13, 17), 70, 5, 4.5, None), ((40, 33), 77, 0, 16.0, None), ((21, 45), 0, 3, math.sqrt(8), None),
+    ((9, 70), 200, 70, None, (3, 9)), ((3, 5), 0, 0, 2.0, None), ((64, 64), 512, 0, 16.0, None),
+    ((30, 30), 1, 0, 100.0, None)])
+def test_stored_ds_layout_pairs_agree_between_dkdv_and_dq(grid, n_text, n_extra, radius, window):
+    """Every slot dQ reads is the one dK/dV wrote for the same (query block, key block) pair, each
+    pair has its own slot inside the buffer, and the aligned tile walk reaches every image pair the
+    pattern admits."""
+    pattern, layout, written, read = _stored_ds_pairs(grid, n_text, n_extra, radius, window)
+    assert read == written
+    slots = list(written.values())
+    assert len(set(slots)) == len(slots) and 0 <= min(slots) and max(slots) < layout.slots
+    grid_h, grid_w = grid
+    tile_pairs = {(q, kb) for (kind, q), kb in written if kind == "tile" and kb >= -(-n_text // 64)}
+    n_tb = -(-n_text // 64)
+    for qy in range(grid_h):
+        for qx in range(grid_w):
+            for ky in range(max(qy - pattern.reach_y, 0), min(qy + pattern.reach_y + 1, grid_h)):
+                for kx in range(max(qx - pattern.reach_x, 0), min(qx + pattern.reach_x + 1, grid_w)):
+                    dy, dx = qy - ky, qx - kx
+                    if dy * dy + dx * dx <= pattern.max_d2 if pattern.circle else True:
+                        key_block = n_tb + (ky // 8) * layout.tiles_x + kx // 8
+                        assert ((qy // 8, qx // 8), key_block) in tile_pairs
