@@ -51,8 +51,6 @@ def compile_kernel(fn, head_dim: int, extra_tokens: bool):
             signature[name] = "*fp32"
         elif name in ("qk_scale", "scale"):
             signature[name] = "fp32"
-        elif name.startswith("ds_"):
-            signature[name] = descriptor_type([1, 64, 64])
         elif name.endswith("_ext") and not extra_tokens:
             signature[name], constexprs[name] = "constexpr", None
         elif name.endswith("_img"):
@@ -71,8 +69,7 @@ def main():
     parser.add_argument("--head-dims", default="64,128")
     args = parser.parse_args()
     for head_dim in map(int, args.head_dims.split(",")):
-        for fn in (kernels.forward_kernel_sm90, kernels.kv_grad_kernel_sm90, kernels.q_grad_kernel_sm90,
-                   kernels.q_grad_from_ds_kernel_sm90):
+        for fn in (kernels.forward_kernel_sm90, kernels.kv_grad_kernel_sm90, kernels.q_grad_kernel_sm90):
             compiled = compile_kernel(fn, head_dim, extra_tokens=False)
             ptx = compiled.asm["ptx"]
             print(f"{fn.__name__:20s} bf16 D={head_dim:3d}: {ptxas_report(ptx)}; shared {compiled.metadata.shared} B; "

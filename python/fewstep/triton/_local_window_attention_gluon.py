@@ -305,117 +305,62 @@ def forward_kernel_sm90(q_txt, q_img, k_seq, v_seq, k_img, v_img, k_ext, v_ext, 
 
 # ---------------------------------------------------------------------------------------------
 # dK/dV: one program per key block (64 text keys, an 8x8 image key tile or 64 extra keys) and
-# (batch, kv head), over the query blocks that see it (64 text rows, then grid-aligned 8x8 image
-# query tiles), for each query head of its GQA group. K and V stay in shared memory; Q and dO of
-# the query blocks stream through a two-slot ring. With a dS descriptor the program also stores
-# each block's dS^T (the stored-dS backward: dQ then reads it instead of recomputing S and dP).
+# (batch, kv head), over the 64-row query blocks that see it, for each query head of its GQA group.
+# K and V stay in shared memory; Q and dO of the query blocks stream through a two-slot ring.
 
 
 @gluon.jit
-def _issue_query_block(q_seq, do_seq, q_img, do_img, q_ring, do_ring, bars, slot, bh, jj, n_first, ty, tx):
+def _issue_query_block(q_seq, do_seq, q_img, do_img, q_ring, do_ring, bars, slot, bh, jj, n_first, first_row, y0,
+                       x0):
     """TMA loads of Q and dO of query block jj of head bh into ring slot ``slot`` (one mbarrier): block
-    jj < n_first is text rows jj*64.., the others the image query tile (ty, tx)."""
+    jj < n_first is rows first_row + jj*64.. of the sequence, the others the 8x8 image tile at (y0, x0)."""
     q_dst = q_ring.index(slot)
     do_dst = do_ring.index(slot)
     bar = bars.index(slot)
     mbarrier.expect(bar, 2 * BLOCK * q_dst.shape[1] * q_dst.dtype.primitive_bitwidth // 8)
     if jj < n_first:
-        tma.async_copy_global_to_shared(q_seq, [bh, jj * BLOCK, 0], bar, q_dst.reshape([1, BLOCK, q_dst.shape[1]]))
-        tma.async_copy_global_to_shared(do_seq, [bh, jj * BLOCK, 0], bar, do_dst.reshape([1, BLOCK, q_dst.shape[1]]))
+        row = first_row + jj * BLOCK
+        tma.async_copy_global_to_shared(q_seq, [bh, row, 0], bar, q_dst.reshape([1, BLOCK, q_dst.shape[1]]))
+        tma.async_copy_global_to_shared(do_seq, [bh, row, 0], bar, do_dst.reshape([1, BLOCK, q_dst.shape[1]]))
     else:
-        tma.async_copy_global_to_shared(q_img, [bh, ty * 8, tx * 8, 0], bar,
-                                        q_dst.reshape([1, 8, 8, q_dst.shape[1]]))
-        tma.async_copy_global_to_shared(do_img, [bh, ty * 8, tx * 8, 0], bar,
-                                        do_dst.reshape([1, 8, 8, q_dst.shape[1]]))
+        tma.async_copy_global_to_shared(q_img, [bh, y0, x0, 0], bar, q_dst.reshape([1, 8, 8, q_dst.shape[1]]))
+        tma.async_copy_global_to_shared(do_img, [bh, y0, x0, 0], bar, do_dst.reshape([1, 8, 8, q_dst.shape[1]]))
 
 
 @gluon.jit
-def _row_stats(Lse, Delta, bh, n_tokens, n_text, grid_h, grid_w, jj, n_first, ty, tx, valid, layout: gl.constexpr):
-    """Base-2 lse and delta of query block jj (lse = +inf, so p = 0, on rows past the text or outside
-    the grid, and on every row when not ``valid``)."""
+def _row_stats(Lse, Delta, bh, n_tokens, n_text, grid_h, grid_w, jj, n_first, first_row, first_end, y0, x0, valid,
+               layout: gl.constexpr):
+    """Base-2 lse and delta of query block jj (lse = +inf, so p = 0, on rows outside the block's
+    range or the grid, and on every row when not ``valid``)."""
     offs = gl.arange(0, BLOCK, layout=layout)
-    qy = ty * 8 + offs // 8
-    qx = tx * 8 + offs % 8
-    text = jj < n_first
-    rows = gl.where(text, jj * BLOCK + offs, n_text + qy * grid_w + qx)
-    ok = gl.where(text, rows < n_text, (qy < grid_h) & (qx < grid_w)) & valid
+    qy = y0 + offs // 8
+    qx = x0 + offs % 8
+    contiguous = jj < n_first
+    rows = gl.where(contiguous, first_row + jj * BLOCK + offs, n_text + qy * grid_w + qx)
+    ok = gl.where(contiguous, rows < first_end, (qy < grid_h) & (qx < grid_w)) & valid
     base = bh.to(gl.int64) * n_tokens
     lse2 = gl.load(Lse + base + rows, mask=ok, other=float("inf")) * LN2_INV
     return lse2, gl.load(Delta + base + rows, mask=ok, other=0.0)
 
 
 @gluon.jit
-def _tile_row(ty, cty, ctx, every_tile, tiles_x, reach_x, max_d2, CIRCLE: gl.constexpr):
-    """Columns [lo, hi) of row ty of the grid-aligned 8x8 tiles that hold a pair the pattern admits
-    with the tile at (cty, ctx) (in tiles): the gap between two tiles d rows or columns apart is
-    8|d| - 7 (both sides' closest rows); every column when ``every_tile``."""
-    gap_y = gl.maximum(8 * gl.abs(ty - cty) - 7, 0)
-    reach = (_x_reach(gap_y, reach_x, max_d2, CIRCLE) + 7) // 8
-    return (gl.where(every_tile, 0, gl.maximum(ctx - reach, 0)),
-            gl.where(every_tile, tiles_x, gl.minimum(ctx + reach + 1, tiles_x)))
-
-
-@gluon.jit
-def _tile_walk_start(cty, ctx, every_tile, tiles_y, tiles_x, tile_reach_y, reach_x, max_d2, CIRCLE: gl.constexpr):
-    """The walk over the aligned tiles paired with tile (cty, ctx) (every tile when ``every_tile``),
-    row by row: the first tile (ty, tx), the end of its row and the number of tiles. Symmetric: tile
-    a's walk visits b exactly when b's visits a, so the dK/dV and dQ programs of the stored-dS
-    backward agree on the pairs."""
-    ty0 = gl.where(every_tile, 0, gl.maximum(cty - tile_reach_y, 0))
-    ty1 = gl.where(every_tile, tiles_y, gl.minimum(cty + tile_reach_y + 1, tiles_y))
-    n = 0
-    for ty in range(ty0, ty1):
-        lo, hi = _tile_row(ty, cty, ctx, every_tile, tiles_x, reach_x, max_d2, CIRCLE)
-        n += hi - lo
-    tx, tx_end = _tile_row(ty0, cty, ctx, every_tile, tiles_x, reach_x, max_d2, CIRCLE)
-    return ty0, tx, tx_end, n
-
-
-@gluon.jit
-def _tile_walk_next(ty, tx, tx_end, cty, ctx, every_tile, tiles_x, reach_x, max_d2, CIRCLE: gl.constexpr):
-    tx += 1
-    if tx >= tx_end:
-        ty += 1
-        tx, tx_end = _tile_row(ty, cty, ctx, every_tile, tiles_x, reach_x, max_d2, CIRCLE)
-    return ty, tx, tx_end
-
-
-@gluon.jit
-def _advance_query(b, per_head, n_first, start_y, start_x, start_end, cy, cx, c_end, kty, ktx, every_tile, tiles_x,
-                   reach_x, max_d2, CIRCLE: gl.constexpr):
-    """The query-walk cursor (in tiles) after block b: the next image query tile after an image block,
-    back to the first (start_y, start_x, start_end) after the last block of a head."""
+def _advance_query(b, per_head, n_first, y0, x0, x_end, cy, cx, c_end, ky0, ky1, kx0, kx1, grid_h, grid_w, reach_x,
+                   max_d2, CIRCLE: gl.constexpr):
+    """The query-walk cursor after block b: the next image query tile after an image block, back to
+    the first (y0, x0, x_end) after the last block of a head."""
     jj = b % per_head
     if jj >= n_first:
-        cy, cx, c_end = _tile_walk_next(cy, cx, c_end, kty, ktx, every_tile, tiles_x, reach_x, max_d2, CIRCLE)
+        cy, cx, c_end = _walk_next(cy, cx, c_end, ky0, ky1, kx0, kx1, grid_h, grid_w, reach_x, max_d2, CIRCLE)
     if jj == per_head - 1:
-        cy, cx, c_end = start_y, start_x, start_end
+        cy, cx, c_end = y0, x0, x_end
     return cy, cx, c_end
-
-
-@gluon.jit
-def _ds_slot(key_block, query_index, n_text_blocks, n_image_tiles, image_key_slots):
-    """Slot (64 rows of the stored dS^T) of query block ``query_index`` of key block ``key_block`` in
-    the stored-dS layout: per key block, its query blocks in its dK/dV program's order; text key
-    blocks (n_text_blocks + n_image_tiles query blocks each), then image key tiles
-    (image_key_slots each: the text query blocks and the box of query tiles around the tile), then
-    extra key blocks (n_image_tiles each)."""
-    text_slots = n_text_blocks + n_image_tiles
-    image_base = n_text_blocks * text_slots
-    extra_base = image_base + n_image_tiles * image_key_slots
-    base = gl.where(key_block < n_text_blocks, key_block * text_slots,
-                    gl.where(key_block < n_text_blocks + n_image_tiles,
-                             image_base + (key_block - n_text_blocks) * image_key_slots,
-                             extra_base + (key_block - n_text_blocks - n_image_tiles) * n_image_tiles))
-    return base + query_index
 
 
 @gluon.jit(do_not_specialize=RUNTIME_INTS)
 def kv_grad_kernel_sm90(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_img, k_ext, v_ext, dk_txt, dv_txt,
-                        dk_img, dv_img, dk_ext, dv_ext, ds_out, Lse, Delta, heads, group, n_tokens, n_text, grid_h,
-                        grid_w, n_extra, tiles_y, tiles_x, n_text_blocks, n_image_tiles, n_extra_blocks, n_heads,
-                        reach_y, reach_x, max_d2, tile_reach_y, tile_reach_x, qk_scale, scale,
-                        HEAD_DIM: gl.constexpr, CIRCLE: gl.constexpr):
+                        dk_img, dv_img, dk_ext, dv_ext, Lse, Delta, heads, group, n_tokens, n_text, grid_h, grid_w,
+                        n_extra, tiles_x, n_text_blocks, n_image_tiles, n_extra_blocks, n_heads, reach_y, reach_x,
+                        max_d2, qk_scale, scale, HEAD_DIM: gl.constexpr, CIRCLE: gl.constexpr):
     dtype: gl.constexpr = k_img.dtype
     st_layout: gl.constexpr = _mma_layout(BLOCK)  # [keys, queries]
     acc_layout: gl.constexpr = _mma_layout(HEAD_DIM)
@@ -440,19 +385,14 @@ def kv_grad_kernel_sm90(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_img
     text_key = tile < n_text_blocks
     image_key = (tile >= n_text_blocks) & (tile < n_text_blocks + n_image_tiles)
     extra_row0 = (tile - n_text_blocks - n_image_tiles) * BLOCK
-    image_tile = gl.where(image_key, tile - n_text_blocks, 0)
-    kty = image_tile // tiles_x
-    ktx = image_tile % tiles_x
-    ky0 = kty * 8
-    kx0 = ktx * 8
+    image_tile = gl.maximum(tile - n_text_blocks, 0)
+    ky0 = (image_tile // tiles_x) * 8
+    kx0 = (image_tile % tiles_x) * 8
 
     k_smem = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], tile_layout)
     v_smem = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], tile_layout)
     q_ring = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], tile_layout)
     do_ring = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], tile_layout)
-    if ds_out is not None:
-        ds_smem = gl.allocate_shared_memory(dtype, [BLOCK, BLOCK],
-                                            gl.NVMMASharedLayout.get_default_for([BLOCK, BLOCK], dtype))
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(kv_bar, count=1)
@@ -472,46 +412,37 @@ def kv_grad_kernel_sm90(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_img
             tma.async_copy_global_to_shared(v_ext, [kv_bh, extra_row0, 0], kv_bar,
                                             v_smem.reshape([1, BLOCK, HEAD_DIM]))
 
-    # The query blocks of one head: the n_first text blocks (text and image keys; extra keys are
-    # not seen by text queries), then the image query tiles: every one for text and extra keys, the
-    # aligned tiles the pattern reaches for an image key tile.
-    every_tile = text_key | (tile >= n_text_blocks + n_image_tiles)
-    n_first = gl.where(text_key | image_key, n_text_blocks, 0)
-    start_y, start_x, start_end, n_walk = _tile_walk_start(kty, ktx, every_tile, tiles_y, tiles_x, tile_reach_y,
-                                                           reach_x, max_d2, CIRCLE)
-    per_head = n_first + n_walk
+    # The query blocks of one head: n_first contiguous 64-row blocks from first_row (every query row
+    # for text keys, the text rows for image keys, the image rows for extra keys; rows up to
+    # first_end), then the image query tiles the pattern around an image key tile reaches.
+    ky1, kx1, y0, x0, x_end, n_walk = _walk_start(ky0, kx0, grid_h, grid_w, reach_y, reach_x, max_d2, CIRCLE)
+    first_row = gl.where(text_key | image_key, 0, n_text)
+    first_end = gl.where(image_key, n_text, n_tokens)
+    n_first = (first_end - first_row + BLOCK - 1) // BLOCK
+    per_head = n_first + gl.where(image_key, n_walk, 0)
     n_blocks = per_head * group
     key_offs = gl.arange(0, BLOCK, layout=key_layout)
     ky = ky0 + key_offs // 8
     kx = kx0 + key_offs % 8
     col_offs = gl.arange(0, BLOCK, layout=col_layout)
-    if ds_out is not None:
-        # Key rows past n_text, n_extra or the grid load as zeros; their p is zeroed so that the
-        # stored dS stays finite however negative a row's scores are (dQ multiplies it by K).
-        key_ok = gl.where(text_key, tile * BLOCK + key_offs < n_text,
-                          gl.where(image_key, (ky < grid_h) & (kx < grid_w), extra_row0 + key_offs < n_extra))
-        partial_keys = gl.where(text_key, (tile + 1) * BLOCK > n_text,
-                                gl.where(image_key, (ky0 + 8 > grid_h) | (kx0 + 8 > grid_w),
-                                         extra_row0 + BLOCK > n_extra))
-        box_w = 2 * tile_reach_x + 1
-        image_key_slots = n_text_blocks + (2 * tile_reach_y + 1) * box_w
 
     # Two-slot ring as in the forward: block j+2 is loaded once block j's products have completed;
     # cursor c gives the image tile of each load, the statistics and the mask of the same block
-    # reuse its coordinates one (next) and two (cur) iterations later.
-    cy, cx, c_end = start_y, start_x, start_end
-    _issue_query_block(q_seq, do_seq, q_img, do_img, q_ring, do_ring, bars, 0, first_bh, 0, n_first, cy, cx)
+    # reuse its coordinates one (n) and two (cur) iterations later.
+    cy, cx, c_end = y0, x0, x_end
+    _issue_query_block(q_seq, do_seq, q_img, do_img, q_ring, do_ring, bars, 0, first_bh, 0, n_first, first_row, cy,
+                       cx)
     cur_y, cur_x = cy, cx
-    cy, cx, c_end = _advance_query(0, per_head, n_first, start_y, start_x, start_end, cy, cx, c_end, kty, ktx,
-                                   every_tile, tiles_x, reach_x, max_d2, CIRCLE)
+    cy, cx, c_end = _advance_query(0, per_head, n_first, y0, x0, x_end, cy, cx, c_end, ky0, ky1, kx0, kx1, grid_h,
+                                   grid_w, reach_x, max_d2, CIRCLE)
     if 1 < n_blocks:
         _issue_query_block(q_seq, do_seq, q_img, do_img, q_ring, do_ring, bars, 1, first_bh + 1 // per_head,
-                           1 % per_head, n_first, cy, cx)
+                           1 % per_head, n_first, first_row, cy, cx)
     next_y, next_x = cy, cx
-    cy, cx, c_end = _advance_query(1, per_head, n_first, start_y, start_x, start_end, cy, cx, c_end, kty, ktx,
-                                   every_tile, tiles_x, reach_x, max_d2, CIRCLE)
-    lse_next, delta_next = _row_stats(Lse, Delta, first_bh, n_tokens, n_text, grid_h, grid_w, 0, n_first, cur_y,
-                                      cur_x, True, vec_layout)
+    cy, cx, c_end = _advance_query(1, per_head, n_first, y0, x0, x_end, cy, cx, c_end, ky0, ky1, kx0, kx1, grid_h,
+                                   grid_w, reach_x, max_d2, CIRCLE)
+    lse_next, delta_next = _row_stats(Lse, Delta, first_bh, n_tokens, n_text, grid_h, grid_w, 0, n_first, first_row,
+                                      first_end, cur_y, cur_x, True, vec_layout)
 
     zeros_st = gl.zeros([BLOCK, BLOCK], gl.float32, st_layout)
     dk = gl.zeros([BLOCK, HEAD_DIM], gl.float32, acc_layout)
@@ -527,23 +458,20 @@ def kv_grad_kernel_sm90(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_img
         lse2 = gl.convert_layout(lse_next, col_layout)
         delta = gl.convert_layout(delta_next, col_layout)
         lse_next, delta_next = _row_stats(Lse, Delta, first_bh + (j + 1) // per_head, n_tokens, n_text, grid_h,
-                                          grid_w, (j + 1) % per_head, n_first, next_y, next_x, j + 1 < n_blocks,
-                                          vec_layout)
+                                          grid_w, (j + 1) % per_head, n_first, first_row, first_end, next_y, next_x,
+                                          j + 1 < n_blocks, vec_layout)
         s = warpgroup_mma_wait(1, deps=[s_tok])
         p = gl.exp2(s * qk_scale - lse2[None, :])
-        if ds_out is not None:
-            if partial_keys:
-                p = gl.where(key_ok[:, None], p, 0.0)
-        if image_key & (jj >= n_first):  # an image query tile: the element mask where the pattern cuts it
-            far_y = gl.maximum(cur_y * 8 + 7 - ky0, ky0 + 7 - cur_y * 8)
-            far_x = gl.maximum(cur_x * 8 + 7 - kx0, kx0 + 7 - cur_x * 8)
+        if jj >= n_first:  # an image query tile: the element mask where the pattern cuts it
+            far_y = gl.maximum(cur_y + 7 - ky0, ky1 - cur_y)
+            far_x = gl.maximum(cur_x + 7 - kx0, kx1 - cur_x)
             if CIRCLE:
                 inside = far_y * far_y + far_x * far_x <= max_d2
             else:
                 inside = (far_y <= reach_y) & (far_x <= reach_x)
             if not inside:
-                dy = ky[:, None] - (cur_y * 8 + col_offs // 8)[None, :]
-                dx = kx[:, None] - (cur_x * 8 + col_offs % 8)[None, :]
+                dy = ky[:, None] - (cur_y + col_offs // 8)[None, :]
+                dx = kx[:, None] - (cur_x + col_offs % 8)[None, :]
                 if CIRCLE:
                     ok = dy * dy + dx * dx <= max_d2
                 else:
@@ -552,27 +480,16 @@ def kv_grad_kernel_sm90(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_img
         p_op = gl.convert_layout(p.to(dtype), op_layout)
         dv_tok = warpgroup_mma(p_op, do_ring.index(slot), dv, is_async=True)
         dp = warpgroup_mma_wait(1, deps=[dp_tok])
-        ds = (p * (dp - delta[None, :])).to(dtype)
-        if ds_out is not None:
-            query_index = gl.where(jj < n_first, jj,
-                                   n_first + gl.where(image_key, (cur_y - kty + tile_reach_y) * box_w
-                                                      + cur_x - ktx + tile_reach_x, cur_y * tiles_x + cur_x))
-            ds_slot = _ds_slot(tile, query_index, n_text_blocks, n_image_tiles, image_key_slots)
-            tma.store_wait(0)  # the previous block's dS^T has left ds_smem
-            ds_smem.store(ds)
-            fence_async_shared()
-            tma.async_copy_shared_to_global(ds_out, [first_bh + g, ds_slot * BLOCK, 0],
-                                            ds_smem.reshape([1, BLOCK, BLOCK]))
-        ds_op = gl.convert_layout(ds, op_layout)
+        ds_op = gl.convert_layout((p * (dp - delta[None, :])).to(dtype), op_layout)
         dk_tok = warpgroup_mma(ds_op, q_ring.index(slot), dk, is_async=True)
         dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, p_op, ds_op])
         if j + 2 < n_blocks:
             _issue_query_block(q_seq, do_seq, q_img, do_img, q_ring, do_ring, bars, slot,
-                               first_bh + (j + 2) // per_head, (j + 2) % per_head, n_first, cy, cx)
+                               first_bh + (j + 2) // per_head, (j + 2) % per_head, n_first, first_row, cy, cx)
         cur_y, cur_x = next_y, next_x
         next_y, next_x = cy, cx
-        cy, cx, c_end = _advance_query(j + 2, per_head, n_first, start_y, start_x, start_end, cy, cx, c_end, kty,
-                                       ktx, every_tile, tiles_x, reach_x, max_d2, CIRCLE)
+        cy, cx, c_end = _advance_query(j + 2, per_head, n_first, y0, x0, x_end, cy, cx, c_end, ky0, ky1, kx0, kx1,
+                                       grid_h, grid_w, reach_x, max_d2, CIRCLE)
 
     mbarrier.invalidate(kv_bar)
     for i in gl.static_range(2):
@@ -679,105 +596,4 @@ def q_grad_kernel_sm90(q_txt, do_txt, q_img, do_img, k_seq, v_seq, k_img, v_img,
         mbarrier.invalidate(v_bars.index(i))
     q_smem.store((dq * scale).to(dtype))  # Q is no longer read: its buffer stages dQ
     _store_query_tile(dq_txt, dq_img, q_smem, bh, tile, qy0, qx0, is_text)
-    tma.store_wait(0)
-
-
-# ---------------------------------------------------------------------------------------------
-# dQ from the stored dS: one program per query block (64 text rows or an aligned 8x8 image tile)
-# and (batch, head), over its key blocks (text blocks, the aligned image key tiles the pattern
-# reaches, or every one for a text query, then the extra blocks of an image query); dQ = scale *
-# sum of dS K, one product per block, with dS^T and K streaming through a three-slot ring.
-
-
-@gluon.jit
-def _issue_ds_and_key(ds_in, k_txt, k_img, k_ext, ds_ring, k_ring, bars, slot, bh, kv_bh, j, n_text_blocks, n_image,
-                      n_image_tiles, ty, tx, tiles_x, query_index, image_key_slots, is_text, qty, qtx, tile_reach_y,
-                      tile_reach_x):
-    """TMA loads of key block j's stored dS^T tile (for this query block) and of its keys into ring
-    slot ``slot``: block j < n_text_blocks is a text key block, then n_image image key tiles (this one
-    at tile (ty, tx)), then extra key blocks."""
-    bar = bars.index(slot)
-    k_dst = k_ring.index(slot)
-    mbarrier.expect(bar, BLOCK * (BLOCK + k_dst.shape[1]) * k_dst.dtype.primitive_bitwidth // 8)
-    if j < n_text_blocks:
-        key_block = j
-        index = query_index
-        tma.async_copy_global_to_shared(k_txt, [kv_bh, j * BLOCK, 0], bar, k_dst.reshape([1, BLOCK, k_dst.shape[1]]))
-    elif j < n_text_blocks + n_image:
-        key_block = n_text_blocks + ty * tiles_x + tx
-        box = n_text_blocks + (qty - ty + tile_reach_y) * (2 * tile_reach_x + 1) + qtx - tx + tile_reach_x
-        index = gl.where(is_text, query_index, box)
-        tma.async_copy_global_to_shared(k_img, [kv_bh, ty * 8, tx * 8, 0], bar, k_dst.reshape([1, 8, 8, k_dst.shape[1]]))
-    else:
-        key_block = n_text_blocks + n_image_tiles + j - n_text_blocks - n_image
-        index = query_index - n_text_blocks  # extra key blocks store the image query tiles only
-        if k_ext is not None:
-            tma.async_copy_global_to_shared(k_ext, [kv_bh, (j - n_text_blocks - n_image) * BLOCK, 0], bar,
-                                            k_dst.reshape([1, BLOCK, k_dst.shape[1]]))
-    ds_slot = _ds_slot(key_block, index, n_text_blocks, n_image_tiles, image_key_slots)
-    tma.async_copy_global_to_shared(ds_in, [bh, ds_slot * BLOCK, 0], bar, ds_ring.index(slot).reshape([1, BLOCK, BLOCK]))
-
-
-@gluon.jit(do_not_specialize=RUNTIME_INTS)
-def q_grad_from_ds_kernel_sm90(ds_in, k_txt, k_img, k_ext, dq_txt, dq_img, heads, group, n_text, grid_h, grid_w,
-                               tiles_y, tiles_x, n_text_blocks, n_image_tiles, n_extra_blocks, n_heads, reach_x,
-                               max_d2, tile_reach_y, tile_reach_x, scale, HEAD_DIM: gl.constexpr,
-                               CIRCLE: gl.constexpr):
-    dtype: gl.constexpr = k_img.dtype
-    acc_layout: gl.constexpr = _mma_layout(HEAD_DIM)
-    tile_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, HEAD_DIM], dtype)
-    ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, BLOCK], dtype)
-    STAGES: gl.constexpr = 3
-
-    # program -> (query block, batch*head): text query blocks of every head first (they see every
-    # key), then each head's image tiles
-    pid = gl.program_id(0)
-    n_long = n_text_blocks * n_heads
-    image_pid = gl.maximum(pid - n_long, 0)
-    is_text = pid < n_long
-    tile = gl.where(is_text, pid // n_heads, n_text_blocks + image_pid % gl.maximum(n_image_tiles, 1))
-    bh = gl.where(is_text, pid % n_heads, image_pid // gl.maximum(n_image_tiles, 1))
-    kv_bh = (bh // heads) * (heads // group) + (bh % heads) // group
-    image_tile = gl.where(is_text, 0, tile - n_text_blocks)
-    qty = image_tile // tiles_x
-    qtx = image_tile % tiles_x
-    ty, tx, tx_end, n_image = _tile_walk_start(qty, qtx, is_text, tiles_y, tiles_x, tile_reach_y, reach_x, max_d2,
-                                               CIRCLE)
-    n_blocks = n_text_blocks + n_image + gl.where(is_text, 0, n_extra_blocks)
-    query_index = tile  # text block tb, or n_text_blocks + image tile index: its place in a text key's list
-    image_key_slots = n_text_blocks + (2 * tile_reach_y + 1) * (2 * tile_reach_x + 1)
-
-    ds_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, BLOCK], ds_layout)
-    k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], tile_layout)
-    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(bars.index(i), count=1)
-    for i in gl.static_range(STAGES - 1):  # prologue: blocks 0 .. STAGES-2
-        if i < n_blocks:
-            _issue_ds_and_key(ds_in, k_txt, k_img, k_ext, ds_ring, k_ring, bars, i, bh, kv_bh, i, n_text_blocks,
-                              n_image, n_image_tiles, ty, tx, tiles_x, query_index, image_key_slots, is_text, qty,
-                              qtx, tile_reach_y, tile_reach_x)
-            if (i >= n_text_blocks) & (i < n_text_blocks + n_image):
-                ty, tx, tx_end = _tile_walk_next(ty, tx, tx_end, qty, qtx, is_text, tiles_x, reach_x, max_d2, CIRCLE)
-
-    dq = gl.zeros([BLOCK, HEAD_DIM], gl.float32, acc_layout)
-    for j in range(n_blocks):
-        slot = j % STAGES
-        mbarrier.wait(bars.index(slot), (j // STAGES) & 1)
-        dq_tok = warpgroup_mma(ds_ring.index(slot).permute((1, 0)), k_ring.index(slot), dq, is_async=True)
-        dq = warpgroup_mma_wait(1, deps=[dq_tok])  # block j-1's product has completed: its slot is free
-        nxt = j + STAGES - 1
-        if nxt < n_blocks:
-            _issue_ds_and_key(ds_in, k_txt, k_img, k_ext, ds_ring, k_ring, bars, nxt % STAGES, bh, kv_bh, nxt,
-                              n_text_blocks, n_image, n_image_tiles, ty, tx, tiles_x, query_index, image_key_slots,
-                              is_text, qty, qtx, tile_reach_y, tile_reach_x)
-            if (nxt >= n_text_blocks) & (nxt < n_text_blocks + n_image):
-                ty, tx, tx_end = _tile_walk_next(ty, tx, tx_end, qty, qtx, is_text, tiles_x, reach_x, max_d2, CIRCLE)
-    dq = warpgroup_mma_wait(0, deps=[dq])
-
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(bars.index(i))
-    staging = k_ring.index(0)  # every load has been read: a key slot stages dQ
-    staging.store((dq * scale).to(dtype))
-    _store_query_tile(dq_txt, dq_img, staging, bh, tile, qty * 8, qtx * 8, is_text)
     tma.store_wait(0)

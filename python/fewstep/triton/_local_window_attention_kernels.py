@@ -17,9 +17,9 @@ import triton.language as tl
 
 # Runtime integer arguments that must not be specialised (Triton otherwise compiles separate
 # variants for values equal to 1 or divisible by 16): the pattern and the sizes.
-RUNTIME_INTS = ["heads", "group", "n_tokens", "n_text", "grid_h", "grid_w", "n_extra", "tiles_y", "tiles_x",
+RUNTIME_INTS = ["heads", "group", "n_tokens", "n_text", "grid_h", "grid_w", "n_extra", "tiles_x",
                 "n_text_blocks", "n_image_tiles", "n_extra_blocks", "n_heads", "reach_y", "reach_x", "max_d2",
-                "tile_reach_y", "tile_reach_x", "n_rows", "head_dim"]
+                "n_rows", "head_dim"]
 jit = functools.partial(triton.jit, do_not_specialize=RUNTIME_INTS)
 LN2_INV = tl.constexpr(1.4426950408889634)  # 1 / ln 2
 

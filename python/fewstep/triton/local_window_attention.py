@@ -274,49 +274,16 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
                            radius, window_h, window_w, scale)
 
 
-class StoredScoresGrad(NamedTuple):
-    """Layout of the stored-dS backward's buffer (Gluon, Hopper): for every (batch, query head), per
-    key block, the 64x64 dS^T tiles of the query blocks its dK/dV program visits, in slots of 64
-    rows: text key blocks (every text block and image tile), image key tiles (the text blocks, then
-    a box of (2 tile_reach_y + 1) x (2 tile_reach_x + 1) aligned query tiles around the tile; the
-    corners a circle does not reach stay unwritten and unread), extra key blocks (every image tile)."""
-    tiles_y: int
-    tiles_x: int
-    tile_reach_y: int  # how many aligned 8x8 tiles the pattern reaches (an image pair is at most
-    tile_reach_x: int  # 8 t - 7 apart in y for tiles t apart)
-    slots: int  # 64-row slots per (batch, query head)
-
-
-def stored_scores_grad(grid_h: int, grid_w: int, n_text: int, n_extra: int, pattern: _Pattern) -> StoredScoresGrad:
-    tiles_y, tiles_x = -(-grid_h // 8), -(-grid_w // 8)
-    tile_reach_y = min((pattern.reach_y + 7) // 8, tiles_y - 1)
-    tile_reach_x = min((pattern.reach_x + 7) // 8, tiles_x - 1)
-    n_text_blocks, n_extra_blocks, n_tiles = -(-n_text // 64), -(-n_extra // 64), tiles_y * tiles_x
-    box = (2 * tile_reach_y + 1) * (2 * tile_reach_x + 1)
-    slots = n_text_blocks * (n_text_blocks + n_tiles) + n_tiles * (n_text_blocks + box) + n_extra_blocks * n_tiles
-    return StoredScoresGrad(tiles_y, tiles_x, tile_reach_y, tile_reach_x, slots)
-
-
-def stored_scores_grad_limit() -> int:
-    """Largest stored-dS buffer (bytes) the Gluon backward allocates; larger ones (very large grids or
-    radii) recompute S and dP in the dQ kernel instead. ``FEWSTEP_LWA_DS_MAX_GIB`` sets it (default 4)."""
-    return int(float(os.environ.get("FEWSTEP_LWA_DS_MAX_GIB", "4")) * 2**30)
-
-
-def _scores_grad_buffer(shape: tuple, like: torch.Tensor) -> torch.Tensor:
-    """The stored-dS buffer (uninitialised: every slot dQ reads is written by dK/dV first)."""
-    return torch.empty(shape, dtype=like.dtype, device=like.device)
-
-
 def launch_backward(gluon: bool, grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     extra_k: Optional[torch.Tensor], extra_v: Optional[torch.Tensor], out: torch.Tensor,
                     lse: torch.Tensor, grid_h: int, grid_w: int, n_text: int, radius: float, window_h: int,
-                    window_w: int, scale: float, store_ds: Optional[bool] = None):
-    """Launches the backward kernels on checked arguments: delta, then dK/dV and dQ. With ``gluon``
-    the Gluon kernels: dK/dV stores dS and dQ reads it (one product per block instead of three) when
-    ``store_ds`` (default: when the buffer fits ``stored_scores_grad_limit``), else dQ recomputes
-    S and dP. Otherwise the Triton kernels."""
+                    window_w: int, scale: float):
+    """Launches the backward kernels on checked arguments: delta, then dK/dV and dQ through the Gluon
+    kernels when ``gluon``, the Triton ones otherwise."""
     triton, _, delta_kernel, kv_grad_kernel, q_grad_kernel = _kernels()
+    if gluon:
+        from fewstep.triton._local_window_attention_gluon import kv_grad_kernel_sm90 as kv_grad_kernel
+        from fewstep.triton._local_window_attention_gluon import q_grad_kernel_sm90 as q_grad_kernel
     grad_out, q, k, v, out = (_tma_ready(t) for t in (grad_out, q, k, v, out))
     lse = lse.contiguous()
     batch, heads, n_tokens, head_dim = q.shape
@@ -340,10 +307,6 @@ def launch_backward(gluon: bool, grad_out: torch.Tensor, q: torch.Tensor, k: tor
         dextra_v = v.new_empty(batch, kv_heads, 0, head_dim)
         n_extra = 0
         extras = [None] * 4  # compiled out
-    layout = stored_scores_grad(grid_h, grid_w, n_text, n_extra, pattern)
-    if gluon and store_ds is None:
-        store_ds = batch * heads * layout.slots * 64 * 64 * q.element_size() <= stored_scores_grad_limit()
-    ds = _scores_grad_buffer((batch * heads, layout.slots * 64, 64), q) if gluon and store_ds else None
     with _device_guard(q):
         delta_kernel[(triton.cdiv(n_rows, delta_block),)](out, grad_out, delta, n_rows, head_dim, HEAD_DIM=block_d,
                                                           BLOCK=delta_block, PADDED=block_d != head_dim)
@@ -353,54 +316,31 @@ def launch_backward(gluon: bool, grad_out: torch.Tensor, q: torch.Tensor, k: tor
         n_extra_key_blocks = triton.cdiv(n_extra, block_n)
         key_tile = dict(n_text=n_text, grid_h=grid_h, grid_w=grid_w, rows=tiles.ky, cols=tiles.kx, gluon=gluon)
         query_tile = dict(n_text=n_text, grid_h=grid_h, grid_w=grid_w, rows=tiles.ty, cols=tiles.tx, gluon=gluon)
-        descriptors = (_sequence(q, n_tokens, block_m, gluon), _sequence(grad_out, n_tokens, block_m, gluon),
-                       _image(q, **query_tile), _image(grad_out, **query_tile), _sequence(k, n_text, block_n, gluon),
-                       _sequence(v, n_text, block_n, gluon), _image(k, **key_tile), _image(v, **key_tile), extras[0],
-                       extras[1], _sequence(dk, n_text, block_n, gluon), _sequence(dv, n_text, block_n, gluon),
-                       _image(dk, **key_tile), _image(dv, **key_tile), extras[2], extras[3])
-        kv_programs = (n_text_key_blocks + n_image_key_tiles + n_extra_key_blocks) * batch * kv_heads
-        if gluon:
-            from fewstep.triton import _local_window_attention_gluon as gluon_kernels
-            ds_desc = None if ds is None else _descriptor(ds, list(ds.shape), [ds.shape[1] * 64, 64, 1], [1, 64, 64],
-                                                          True)
-            args = (*descriptors, ds_desc, lse, delta, heads, group, n_tokens, n_text, grid_h, grid_w, n_extra,
-                    layout.tiles_y, layout.tiles_x, n_text_key_blocks, n_image_key_tiles, n_extra_key_blocks,
-                    batch * kv_heads, pattern.reach_y, pattern.reach_x, pattern.max_d2, layout.tile_reach_y,
-                    layout.tile_reach_x, scale * LOG2E, scale)
-            _launch(gluon_kernels.kv_grad_kernel_sm90, kv_programs, args, True, tiles, block_d, pattern.circle,
-                    q.dtype)
-        else:
-            args = (*descriptors, lse, delta, heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, key_tiles_x,
-                    n_text_key_blocks, n_image_key_tiles, n_extra_key_blocks, batch * kv_heads, pattern.reach_y,
-                    pattern.reach_x, pattern.max_d2, scale * LOG2E, scale)
-            _launch(kv_grad_kernel, kv_programs, args, False, tiles, block_d, pattern.circle, q.dtype)
+        args = (_sequence(q, n_tokens, block_m, gluon), _sequence(grad_out, n_tokens, block_m, gluon),
+                _image(q, **query_tile), _image(grad_out, **query_tile), _sequence(k, n_text, block_n, gluon),
+                _sequence(v, n_text, block_n, gluon), _image(k, **key_tile), _image(v, **key_tile), extras[0], extras[1],
+                _sequence(dk, n_text, block_n, gluon), _sequence(dv, n_text, block_n, gluon), _image(dk, **key_tile),
+                _image(dv, **key_tile), extras[2], extras[3], lse, delta, heads, group, n_tokens, n_text, grid_h,
+                grid_w, n_extra, key_tiles_x, n_text_key_blocks, n_image_key_tiles, n_extra_key_blocks,
+                batch * kv_heads, pattern.reach_y, pattern.reach_x, pattern.max_d2, scale * LOG2E, scale)
+        _launch(kv_grad_kernel, (n_text_key_blocks + n_image_key_tiles + n_extra_key_blocks) * batch * kv_heads, args,
+                gluon, tiles, block_d, pattern.circle, q.dtype)
         block_m, block_n = q_tiles.ty * q_tiles.tx, q_tiles.ky * q_tiles.kx
         key_tile = dict(n_text=n_text, grid_h=grid_h, grid_w=grid_w, rows=q_tiles.ky, cols=q_tiles.kx, gluon=gluon)
         query_tile = dict(n_text=n_text, grid_h=grid_h, grid_w=grid_w, rows=q_tiles.ty, cols=q_tiles.tx, gluon=gluon)
         q_tiles_x = triton.cdiv(grid_w, q_tiles.tx)
         n_text_query_blocks = triton.cdiv(n_text, block_m)
         n_image_query_tiles = triton.cdiv(grid_h, q_tiles.ty) * q_tiles_x
-        q_programs = (n_text_query_blocks + n_image_query_tiles) * batch * heads
         k_ext, v_ext = ((_sequence(extra_k, n_extra, block_n, gluon), _sequence(extra_v, n_extra, block_n, gluon))
                         if n_extra else (None, None))
-        dq_out = (_sequence(dq, n_text, block_m, gluon), _image(dq, **query_tile))
-        if ds is not None:
-            args = (ds_desc, _sequence(k, n_text, block_n, True), _image(k, **key_tile), k_ext, *dq_out, heads,
-                    group, n_text, grid_h, grid_w, layout.tiles_y, layout.tiles_x, n_text_query_blocks,
-                    n_image_query_tiles, n_extra_key_blocks, batch * heads, pattern.reach_x, pattern.max_d2,
-                    layout.tile_reach_y, layout.tile_reach_x, scale)
-            _launch(gluon_kernels.q_grad_from_ds_kernel_sm90, q_programs, args, True, q_tiles, block_d,
-                    pattern.circle, q.dtype)
-        else:
-            if gluon:
-                q_grad_kernel = gluon_kernels.q_grad_kernel_sm90
-            args = (_sequence(q, n_text, block_m, gluon), _sequence(grad_out, n_text, block_m, gluon),
-                    _image(q, **query_tile), _image(grad_out, **query_tile), _sequence(k, n_tokens, block_n, gluon),
-                    _sequence(v, n_tokens, block_n, gluon), _image(k, **key_tile), _image(v, **key_tile), k_ext,
-                    v_ext, *dq_out, lse, delta, heads, group, n_tokens, n_text, grid_h, grid_w, n_extra, q_tiles_x,
-                    n_text_query_blocks, n_image_query_tiles, batch * heads, pattern.reach_y, pattern.reach_x,
-                    pattern.max_d2, scale * LOG2E, scale)
-            _launch(q_grad_kernel, q_programs, args, gluon, q_tiles, block_d, pattern.circle, q.dtype)
+        args = (_sequence(q, n_text, block_m, gluon), _sequence(grad_out, n_text, block_m, gluon),
+                _image(q, **query_tile), _image(grad_out, **query_tile), _sequence(k, n_tokens, block_n, gluon),
+                _sequence(v, n_tokens, block_n, gluon), _image(k, **key_tile), _image(v, **key_tile), k_ext, v_ext,
+                _sequence(dq, n_text, block_m, gluon), _image(dq, **query_tile), lse, delta, heads, group, n_tokens,
+                n_text, grid_h, grid_w, n_extra, q_tiles_x, n_text_query_blocks, n_image_query_tiles, batch * heads,
+                pattern.reach_y, pattern.reach_x, pattern.max_d2, scale * LOG2E, scale)
+        _launch(q_grad_kernel, (n_text_query_blocks + n_image_query_tiles) * batch * heads, args, gluon, q_tiles,
+                block_d, pattern.circle, q.dtype)
     return dq, dk, dv, dextra_k, dextra_v
 
 
@@ -417,6 +357,5 @@ def compiled_kernel_count() -> int:
     kernels = list(_kernels()[1:])
     gluon = sys.modules.get("fewstep.triton._local_window_attention_gluon")
     if gluon is not None:
-        kernels += [gluon.forward_kernel_sm90, gluon.kv_grad_kernel_sm90, gluon.q_grad_kernel_sm90,
-                    gluon.q_grad_from_ds_kernel_sm90]
+        kernels += [gluon.forward_kernel_sm90, gluon.kv_grad_kernel_sm90, gluon.q_grad_kernel_sm90]
     return sum(len(cache[0]) for kernel in kernels for cache in getattr(kernel, "device_caches", {}).values())
