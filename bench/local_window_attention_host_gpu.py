@@ -8,6 +8,10 @@ function and through the ops' registered autograd. Then times the forward + back
 benchmark's training shapes: CUDA events around eager steps (host time included where it is the
 longer), CUDA-graph replay (device time alone), dense SDPA beside them; and profiles the public
 step with cProfile, printing the functions with the most own time.
+
+Runs it all twice in one process: with the Gluon kernels launched through Triton's JIT
+(``JITFunction.run`` and validated descriptors at every call, as before
+``fewstep.triton.direct_launch``) and through the direct path that fewstep uses.
 Usage: ``python bench/local_window_attention_host_gpu.py [--out DIR]``; writes
 ``DIR/local_window_attention_host.json``."""
 from __future__ import annotations
@@ -29,6 +33,8 @@ from common import gpu_median_ms, graph_replay_ms  # noqa: E402
 from local_window_attention_tiles_gpu import training_inputs  # noqa: E402
 
 import fewstep  # noqa: E402
+from fewstep.triton import local_window_attention as lwa  # noqa: E402
+from fewstep.triton.direct_launch import HostDescriptor  # noqa: E402
 
 SIDE, N_TEXT, RADIUS = 64, 512, 8.0
 CALLS = 40
@@ -71,10 +77,30 @@ def step_times(side: int, n_text: int, radius: float) -> dict:
     return row
 
 
+def jit_launch(kernel, programs, args, constexprs, num_warps):
+    """Every launch through Triton's JIT with validated descriptors (the launch path before
+    fewstep.triton.direct_launch)."""
+    real = [a.descriptor() if isinstance(a, HostDescriptor) else a for a in args]
+    kernel[(programs,)](*real, **constexprs, num_warps=num_warps)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
+    direct_launch = lwa.direct_launch
+    results = {}
+    for round_ in range(2):  # interleaved: the host's speed drifts within a run
+        for path, launcher in (("jit", jit_launch), ("direct", direct_launch)):
+            lwa.direct_launch = launcher
+            results[f"{path} (round {round_ + 1})"] = measure()
+    lwa.direct_launch = direct_launch
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "local_window_attention_host.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
+def measure() -> dict:
     q, k, v, grad_out, pattern = training_inputs(SIDE, N_TEXT, RADIUS)
     fwd = torch.ops.fewstep.local_window_attention_triton
     bwd = torch.ops.fewstep.local_window_attention_triton_backward
@@ -110,9 +136,7 @@ def main():
     result["profile_top_tottime"] = text.getvalue()
     print(json.dumps({k: v for k, v in result.items() if k != "profile_top_tottime"}, indent=1))
     print(result["profile_top_tottime"])
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "local_window_attention_host.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    return result
 
 
 if __name__ == "__main__":

@@ -108,6 +108,49 @@ def test_gluon_kernels_match_reference(name, dtype, head_dim):
                 assert_close_to_reference(g, r, same, f"{what}{tag} gluon={gluon}")
 
 
+def test_gluon_direct_launch_matches_triton_jit_launch(monkeypatch):
+    """After the first launch of a specialisation, the Gluon kernels and the delta kernel launch
+    without Triton's JIT (fewstep.triton.direct_launch): same outputs and gradients, bit for bit, as
+    launches through the JIT with validated descriptors, on a new grid, text length and radius too."""
+    from fewstep.triton import _local_window_attention_gluon as gluon_kernels
+    from fewstep.triton import _local_window_attention_kernels as triton_kernels
+    from fewstep.triton import direct_launch
+
+    def jit_launch(kernel, programs, args, constexprs, num_warps):
+        real = [a.descriptor() if isinstance(a, direct_launch.HostDescriptor) else a for a in args]
+        kernel[(programs,)](*real, **constexprs, num_warps=num_warps)
+
+    def run(case):
+        inputs = make_inputs(case, torch.bfloat16, seed=11)
+        q, k, v, ek, ev = inputs
+        poison_allocator(q)
+        out, lse = triton_lwa.launch_forward(True, q, k, v, ek, ev, *case.pattern())
+        gen = torch.Generator("cuda").manual_seed(5)
+        grad_out = torch.randn(q.shape, device="cuda", dtype=q.dtype, generator=gen)
+        poison_allocator(q)
+        return (out, lse, *triton_lwa.launch_backward(True, grad_out, q, k, v, ek, ev, out, lse, *case.pattern()))
+
+    first = CASES["13x17 text extra gqa r4.5"]
+    if not triton_lwa.gluon_supported(make_inputs(first, torch.bfloat16, seed=0)[0]):
+        pytest.skip(f"the Gluon kernels need an sm_90 GPU, this is {torch.cuda.get_device_name()}")
+    run(first)  # compiles (through the JIT) and caches the specialisations
+    assert direct_launch.cached_kernels() >= 4
+    other = replace(first, grid=(11, 26), n_text=70, radius=7.5)
+    for case in (first, other):
+        with monkeypatch.context() as patch:
+            for kernel in (gluon_kernels.forward_kernel_sm90, gluon_kernels.kv_grad_kernel_sm90,
+                           gluon_kernels.q_grad_kernel_sm90, triton_kernels.delta_kernel):
+                def refuse(*args, name=kernel.__name__, **kwargs):
+                    raise AssertionError(f"{name} launched through the JIT")
+                patch.setattr(kernel, "run", refuse)
+            direct = run(case)
+        with monkeypatch.context() as patch:
+            patch.setattr(triton_lwa, "direct_launch", jit_launch)
+            through_jit = run(case)
+        for what, a, b in zip(["out", "lse", "dq", "dk", "dv", "dextra_k", "dextra_v"], direct, through_jit):
+            assert torch.equal(a, b), f"{what}: direct launch differs from the JIT launch on {case}"
+
+
 def test_gluon_kernels_run_on_hopper_only():
     q = torch.randn(1, 2, 64, 128, device="cuda", dtype=torch.bfloat16)
     hopper = torch.cuda.get_device_capability() == (9, 0)

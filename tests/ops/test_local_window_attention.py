@@ -355,19 +355,45 @@ def test_triton_gpu_tile_sizes_under_interpreter(monkeypatch, head_dim, case):
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_gluon_kernels_are_chosen_for_hopper_cuda_tensors_only_and_get_swizzled_descriptors():
-    """The Gluon kernels (GPU only) are never chosen for CPU tensors or under the interpreter; their
-    host-built descriptors carry the 128-byte swizzled block layout the kernels' wgmmas read, built
-    once per block shape and dtype."""
+    """The Gluon kernels (GPU only) are never chosen for CPU tensors or under the interpreter. Their
+    descriptors are HostDescriptors: the base address of the image tokens (past the text rows), the
+    shapes and strides Triton's launcher turns into TMA descriptors, and for the first, compiling
+    launch a validated Gluon descriptor with the 128-byte swizzled block layout the kernels' wgmmas
+    read, built once per block shape and dtype."""
     from fewstep.triton import local_window_attention as lwa
     q = torch.randn(1, 2, 7 + 9 * 11, 128, dtype=torch.bfloat16)
     assert not lwa.gluon_supported(q)
     image = lwa._image(q, 7, 9, 11, 8, 8, gluon=True)
     text = lwa._sequence(q, 7, 64, gluon=True)
-    assert image.block_shape == [1, 8, 8, 128] and image.shape == [2, 9, 11, 128]
-    assert text.block_shape == [1, 64, 128] and text.shape == [2, 7, 128]
-    for desc in (image, text):
+    assert image.base.data_ptr() == q[:, :, 7:].data_ptr() and text.base.data_ptr() == q.data_ptr()
+    assert image.shape == [2, 9, 11, 128] and image.strides == [(7 + 99) * 128, 11 * 128, 128, 1]
+    assert text.shape == [2, 7, 128] and text.strides == [(7 + 99) * 128, 128, 1] and image.padding == "zero"
+    assert image.specialization() == (torch.bfloat16, (1, 8, 8, 128))
+    real_image, real_text = image.descriptor(), text.descriptor()
+    assert real_image.block_shape == [1, 8, 8, 128] and real_image.base.data_ptr() == image.data_ptr()
+    assert real_text.block_shape == [1, 64, 128] and real_text.shape == text.shape
+    for desc in (real_image, real_text):
         assert desc.layout.swizzle_byte_width == 128 and desc.layout.element_bitwidth == 16
-    assert lwa._image(q, 7, 9, 11, 8, 8, gluon=True).layout is image.layout  # cached
+    assert lwa._image(q, 7, 9, 11, 8, 8, gluon=True).descriptor().layout is real_image.layout  # cached
+
+
+def test_direct_launch_key_separates_what_triton_specialises():
+    """The direct launch path reuses a compiled kernel only for arguments Triton would bind to the
+    same specialisation: descriptors by dtype and block, pointers by dtype and 16-byte alignment,
+    integers by value unless the kernel leaves them unspecialised, compiled-out arguments as None."""
+    from fewstep.triton import direct_launch
+    q = torch.randn(2, 3, 40, 64, dtype=torch.float16)
+    runtime = frozenset({3})
+    desc = direct_launch.HostDescriptor(q, 64, [6, 39, 64], [40 * 64, 64, 1], [1, 64, 64])
+    assert direct_launch._arg_key(0, desc, runtime) == (torch.float16, (1, 64, 64))
+    lse = torch.empty(100)
+    assert direct_launch._arg_key(1, lse, runtime) == (torch.float32, True)
+    assert direct_launch._arg_key(1, lse[1:], runtime) == (torch.float32, False)
+    assert direct_launch._arg_key(3, 17, runtime) == direct_launch._arg_key(3, 32, runtime)
+    assert direct_launch._arg_key(2, 17, runtime) != direct_launch._arg_key(2, 32, runtime)
+    assert direct_launch._arg_key(4, None, runtime) is None and direct_launch._arg_key(5, 0.5, runtime) == "f"
+    with pytest.raises(TypeError, match="argument 6: no launch key for str"):
+        direct_launch._arg_key(6, "x", runtime)
 
 
 def test_gluon_kernels_only_under_the_triton_versions_they_were_tested_with():

@@ -31,6 +31,8 @@ import torch
 from fewstep import _checks
 from fewstep.ops.local_window_attention_checks import (check_backward_args, check_forward_args,
                                                        lse_dtype_for)
+from fewstep.triton.direct_launch import HostDescriptor
+from fewstep.triton.direct_launch import launch as direct_launch
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -137,23 +139,13 @@ def _tma_ready(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
-@functools.cache
-def _gluon_block_layout(block: tuple, dtype: torch.dtype):
-    """The swizzled shared-memory layout of a Gluon descriptor's blocks (cached: building it costs
-    more host time than the descriptor itself)."""
-    from triton.experimental.gluon import language as gl
-    element = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[dtype]
-    return gl.NVMMASharedLayout.get_default_for(list(block), element)
-
-
-def _descriptor(base: torch.Tensor, shape: list, strides: list, block: list, gluon: bool):
-    """A host-built TMA descriptor: Triton's, or Gluon's, which also carries the shared-memory layout
-    of its blocks (the swizzled layout wgmma reads)."""
+def _descriptor(t: torch.Tensor, offset: int, shape: list, strides: list, block: list, gluon: bool):
+    """A host-built TMA descriptor of contiguous ``t`` from element ``offset``: Triton's, or for the
+    Gluon kernels the arguments of one (direct_launch.HostDescriptor: no per-call validation)."""
     if gluon:
-        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-        return TensorDescriptor(base, shape, strides, block, _gluon_block_layout(tuple(block), base.dtype))
+        return HostDescriptor(t, offset, shape, strides, block)
     from triton.tools.tensor_descriptor import TensorDescriptor
-    return TensorDescriptor(base, shape, strides, block)
+    return TensorDescriptor(t.view(-1)[offset:], shape, strides, block)
 
 
 def _sequence(t: torch.Tensor, rows: int, block: int, gluon: bool = False):
@@ -161,7 +153,7 @@ def _sequence(t: torch.Tensor, rows: int, block: int, gluon: bool = False):
     read and written in [1, block, block_head_dim(D)] blocks (zeros past ``rows`` and past D, stores
     clipped there)."""
     batch, heads, n, head_dim = t.shape
-    return _descriptor(t, [batch * heads, max(rows, 1), head_dim], [n * head_dim, head_dim, 1],
+    return _descriptor(t, 0, [batch * heads, max(rows, 1), head_dim], [n * head_dim, head_dim, 1],
                        [1, block, block_head_dim(head_dim)], gluon)
 
 
@@ -170,7 +162,7 @@ def _image(t: torch.Tensor, n_text: int, grid_h: int, grid_w: int, rows: int, co
     [B*heads, grid_h, grid_w, D], in [1, rows, cols, block_head_dim(D)] tiles (zeros outside the
     grid and past D, stores clipped there)."""
     batch, heads, n, head_dim = t.shape
-    return _descriptor(t[:, :, n_text:], [batch * heads, grid_h, grid_w, head_dim],
+    return _descriptor(t, n_text * head_dim, [batch * heads, grid_h, grid_w, head_dim],
                        [n * head_dim, grid_w * head_dim, head_dim, 1], [1, rows, cols, block_head_dim(head_dim)],
                        gluon)
 
@@ -217,7 +209,7 @@ def _launch(kernel, programs: int, args: tuple, gluon: bool, tiles: Tiles, block
     """One launch over a 1-D grid of ``programs``: a Gluon kernel (its tiles fixed in the kernel, one
     warpgroup) or a Triton kernel compiled for ``tiles``."""
     if gluon:
-        kernel[(programs,)](*args, HEAD_DIM=block_d, CIRCLE=circle, num_warps=tiles.num_warps)
+        direct_launch(kernel, programs, args, dict(HEAD_DIM=block_d, CIRCLE=circle), tiles.num_warps)
     else:
         kernel[(programs,)](*args, HEAD_DIM=block_d, TY=tiles.ty, TX=tiles.tx, KY=tiles.ky, KX=tiles.kx,
                             CIRCLE=circle, PRECISION=_precision(dtype), num_warps=tiles.num_warps,
@@ -308,8 +300,12 @@ def launch_backward(gluon: bool, grad_out: torch.Tensor, q: torch.Tensor, k: tor
         n_extra = 0
         extras = [None] * 4  # compiled out
     with _device_guard(q):
-        delta_kernel[(triton.cdiv(n_rows, delta_block),)](out, grad_out, delta, n_rows, head_dim, HEAD_DIM=block_d,
-                                                          BLOCK=delta_block, PADDED=block_d != head_dim)
+        delta_args = (out, grad_out, delta, n_rows, head_dim)
+        delta_constexprs = dict(HEAD_DIM=block_d, BLOCK=delta_block, PADDED=block_d != head_dim)
+        if gluon:  # on Hopper with the Gluon kernels: the direct launch path too
+            direct_launch(delta_kernel, triton.cdiv(n_rows, delta_block), delta_args, delta_constexprs, 4)
+        else:
+            delta_kernel[(triton.cdiv(n_rows, delta_block),)](*delta_args, **delta_constexprs)
         key_tiles_x = triton.cdiv(grid_w, tiles.kx)
         n_image_key_tiles = triton.cdiv(grid_h, tiles.ky) * key_tiles_x
         n_text_key_blocks = triton.cdiv(n_text, block_n)
