@@ -34,7 +34,7 @@ from local_window_attention_tiles_gpu import training_inputs  # noqa: E402
 
 import fewstep  # noqa: E402
 from fewstep.triton import local_window_attention as lwa  # noqa: E402
-from fewstep.triton.direct_launch import HostDescriptor  # noqa: E402
+from fewstep.triton.direct_launch import launch_through_jit  # noqa: E402
 
 SIDE, N_TEXT, RADIUS = 64, 512, 8.0
 CALLS = 40
@@ -77,13 +77,6 @@ def step_times(side: int, n_text: int, radius: float) -> dict:
     return row
 
 
-def jit_launch(kernel, programs, args, constexprs, num_warps):
-    """Every launch through Triton's JIT with validated descriptors (the launch path before
-    fewstep.triton.direct_launch)."""
-    real = [a.descriptor() if isinstance(a, HostDescriptor) else a for a in args]
-    kernel[(programs,)](*real, **constexprs, num_warps=num_warps)
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
@@ -91,7 +84,7 @@ def main():
     direct_launch = lwa.direct_launch
     results = {}
     for round_ in range(2):  # interleaved: the host's speed drifts within a run
-        for path, launcher in (("jit", jit_launch), ("direct", direct_launch)):
+        for path, launcher in (("jit", launch_through_jit), ("direct", direct_launch)):
             lwa.direct_launch = launcher
             results[f"{path} (round {round_ + 1})"] = measure()
     lwa.direct_launch = direct_launch

@@ -116,10 +116,6 @@ def test_gluon_direct_launch_matches_triton_jit_launch(monkeypatch):
     from fewstep.triton import _local_window_attention_kernels as triton_kernels
     from fewstep.triton import direct_launch
 
-    def jit_launch(kernel, programs, args, constexprs, num_warps):
-        real = [a.descriptor() if isinstance(a, direct_launch.HostDescriptor) else a for a in args]
-        kernel[(programs,)](*real, **constexprs, num_warps=num_warps)
-
     def run(case):
         inputs = make_inputs(case, torch.bfloat16, seed=11)
         q, k, v, ek, ev = inputs
@@ -145,7 +141,7 @@ def test_gluon_direct_launch_matches_triton_jit_launch(monkeypatch):
                 patch.setattr(kernel, "run", refuse)
             direct = run(case)
         with monkeypatch.context() as patch:
-            patch.setattr(triton_lwa, "direct_launch", jit_launch)
+            patch.setattr(triton_lwa, "direct_launch", direct_launch.launch_through_jit)
             through_jit = run(case)
         for what, a, b in zip(["out", "lse", "dq", "dk", "dv", "dextra_k", "dextra_v"], direct, through_jit):
             assert torch.equal(a, b), f"{what}: direct launch differs from the JIT launch on {case}"

@@ -94,6 +94,13 @@ def _hooks_installed() -> bool:
     return any(getattr(hook, "calls", hook is not None) for hook in hooks)
 
 
+def launch_through_jit(kernel, programs: int, args: tuple, constexprs: dict, num_warps: int):
+    """The same launch through Triton's JIT, descriptors validated (every first launch; the
+    reference the direct path is tested and benchmarked against). Returns the compiled kernel."""
+    real = [a.descriptor() if isinstance(a, HostDescriptor) else a for a in args]
+    return kernel[(programs,)](*real, **constexprs, num_warps=num_warps)
+
+
 def launch(kernel, programs: int, args: tuple, constexprs: dict, num_warps: int) -> None:
     """Launches ``kernel`` (Gluon or Triton) over a 1-D grid of ``programs``: ``args`` are its
     leading parameters (descriptors as :class:`HostDescriptor`), ``constexprs`` the trailing ones."""
@@ -106,11 +113,9 @@ def launch(kernel, programs: int, args: tuple, constexprs: dict, num_warps: int)
         if list(names) != list(constexprs):
             raise TypeError(f"{kernel.__name__}: expected the trailing parameters {names} as constexprs, "
                             f"got {list(constexprs)}")
-        real = [a.descriptor() if isinstance(a, HostDescriptor) else a for a in args]
-        kernel[(programs,)](*real, **constexprs, num_warps=num_warps)
+        compiled = launch_through_jit(kernel, programs, args, constexprs, num_warps)
         if not _hooks_installed():
-            compiled = kernel.run(*real, grid=(programs,), warmup=True, **constexprs, num_warps=num_warps)
-            _compiled[key] = compiled.result() if hasattr(compiled, "result") else compiled  # async compiles
+            _compiled[key] = compiled
         return
     stream = torch._C._cuda_getCurrentRawStream(device)  # what Triton's launch path passes
     run = compiled.run  # loads the module on first use
