@@ -28,6 +28,8 @@ from fewstep.triton import local_window_attention as lwa  # noqa: E402
 from fewstep.triton.local_window_attention_work import admitted_pairs, kernel_work  # noqa: E402
 
 SHAPES = [*CASES, MODEL_CASES[2], Shape(64, 512, 16, True, 24, 64, "D=64")]
+# Every pair admitted (radius beyond the grid's diagonal): the kernels' rate on dense work, against SDPA's.
+ALL_PAIRS = Shape(64, 512, 91, True, 24, 128, "all pairs")
 GLUON_MODULE = "fewstep.triton._local_window_attention_gluon"
 
 
@@ -50,13 +52,19 @@ def inputs(shape: Shape, seed: int = 0):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
+    parser.add_argument("--jit", action="store_true",
+                        help="launch every kernel through Triton's JIT (variants that change the launch grid)")
+    parser.add_argument("--all-pairs", action="store_true", help="also time a shape whose every pair is admitted")
     parser.add_argument("variants", nargs="*", help="NAME=PATH of a copy of the Gluon kernel module")
     args = parser.parse_args()
+    if args.jit:
+        from fewstep.triton.direct_launch import launch_through_jit
+        lwa.direct_launch = launch_through_jit
     import fewstep.triton._local_window_attention_gluon as landed
     variants = {"triton": (False, landed), "gluon": (True, landed)}
     variants.update({name: (True, gluon_variant(name, path)) for name, path in (v.split("=", 1) for v in args.variants)})
     rows = []
-    for shape in SHAPES:
+    for shape in SHAPES + [ALL_PAIRS] * args.all_pairs:
         q, k, v = inputs(shape)
         pattern = _pattern_args(q, (shape.side, shape.side), shape.radius, None, shape.n_text, None)
         useful = admitted_pairs((shape.side, shape.side), shape.n_text, radius=shape.radius) * shape.heads
