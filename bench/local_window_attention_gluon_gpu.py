@@ -6,7 +6,8 @@ the backward (median of many replays), the forward's useful and computed TFLOP/s
 differences of out, lse, dQ, dK and dV from the Triton kernels', and dense SDPA's forward in the same
 run for the rate it reaches on the card.
 
-Usage: ``python bench/local_window_attention_gluon_gpu.py [--out DIR]``; writes
+Usage: ``python bench/local_window_attention_gluon_gpu.py [--out DIR] [--jit] [--all-pairs]
+[NAME=PATH ...]``; writes
 ``DIR/local_window_attention_gluon.json`` and ``.md``."""
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def main():
     variants = {"triton": (False, landed), "gluon": (True, landed)}
     variants.update({name: (True, gluon_variant(name, path)) for name, path in (v.split("=", 1) for v in args.variants)})
     rows = []
-    for shape in SHAPES + [ALL_PAIRS] * args.all_pairs:
+    for shape in SHAPES + ([ALL_PAIRS] if args.all_pairs else []):
         q, k, v = inputs(shape)
         pattern = _pattern_args(q, (shape.side, shape.side), shape.radius, None, shape.n_text, None)
         useful = admitted_pairs((shape.side, shape.side), shape.n_text, radius=shape.radius) * shape.heads
