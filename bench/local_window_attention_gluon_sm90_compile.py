@@ -42,7 +42,7 @@ def descriptor_type(block: list) -> str:
     return f"tensordesc<bf16[{','.join(map(str, block))}],{layout!r}>"
 
 
-def compile_kernel(fn, head_dim: int, extra_tokens: bool, max_registers=None):
+def compile_kernel(fn, head_dim: int, extra_tokens: bool):
     signature, constexprs = {}, {"HEAD_DIM": head_dim, "CIRCLE": True}
     for name in fn.arg_names:
         if name in constexprs:
@@ -61,8 +61,7 @@ def compile_kernel(fn, head_dim: int, extra_tokens: bool, max_registers=None):
             signature[name] = "i32"
     source = GluonASTSource(fn=fn, signature=signature,
                             constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
-    options = dict(num_warps=4) if max_registers is None else dict(num_warps=4, maxnreg=max_registers)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
 
 
 def main():
@@ -71,8 +70,7 @@ def main():
     args = parser.parse_args()
     for head_dim in map(int, args.head_dims.split(",")):
         for fn in (kernels.forward_kernel_sm90, kernels.kv_grad_kernel_sm90, kernels.q_grad_kernel_sm90):
-            cap = kernels.FORWARD_MAX_REGISTERS if fn is kernels.forward_kernel_sm90 else None  # as launched
-            compiled = compile_kernel(fn, head_dim, extra_tokens=False, max_registers=cap)
+            compiled = compile_kernel(fn, head_dim, extra_tokens=False)
             ptx = compiled.asm["ptx"]
             print(f"{fn.__name__:20s} bf16 D={head_dim:3d}: {ptxas_report(ptx)}; shared {compiled.metadata.shared} B; "
                   f"wgmma {ptx.count('wgmma.mma_async')}, TMA {ptx.count('cp.async.bulk.tensor')}", flush=True)

@@ -131,19 +131,11 @@ def _scores_mask(s, j, n_first, first_keys, n_image, n_extra, qy, qx, ky0, kx0, 
             kx = kx0 + cols % 8
             dy = qy[:, None] - ky[None, :]
             dx = qx[:, None] - kx[None, :]
-            # Written so that the per-element work is one compare: a thread's 32 scores span 2
-            # query rows, 8 key rows and 2 key columns, so the terms in dy (16 per thread) and in
-            # dx (4) are computed once each, the grid's edges folded into them.
             if CIRCLE:
-                rest = max_d2 - dy * dy
-                dx2 = dx * dx
-                if (ky0 + 8 > grid_h) | (kx0 + 8 > grid_w):  # a tile past the grid's edge
-                    rest = gl.where((ky < grid_h)[None, :], rest, -1)
-                    dx2 = gl.where((kx < grid_w)[None, :], dx2, 2147483647)
-                ok = dx2 <= rest
+                ok = dy * dy + dx * dx <= max_d2
             else:
-                near_y = (gl.abs(dy) <= reach_y) & (ky < grid_h)[None, :]
-                ok = near_y & ((gl.abs(dx) <= reach_x) & (kx < grid_w)[None, :])
+                ok = (gl.abs(dy) <= reach_y) & (gl.abs(dx) <= reach_x)
+            ok = ok & ((ky < grid_h) & (kx < grid_w))[None, :]
             s = gl.where(ok, s, float("-inf"))
     else:
         if (j - n_first - n_image + 1) * BLOCK > n_extra:
@@ -200,11 +192,6 @@ def _store_query_tile(txt_desc, img_desc, src, bh, tile, qy0, qx0, is_text):
         tma.async_copy_shared_to_global(txt_desc, [bh, tile * BLOCK, 0], src.reshape([1, BLOCK, src.shape[1]]))
     else:
         tma.async_copy_shared_to_global(img_desc, [bh, qy0, qx0, 0], src.reshape([1, 8, 8, src.shape[1]]))
-
-
-# ptxas gives the forward 172 registers per thread at D=128; capped at 168 (no spills) three programs
-# (3 x 128 threads) fit in an SM's 64K registers, as its 64 KB of shared memory allow.
-FORWARD_MAX_REGISTERS = 168
 
 
 @gluon.jit(do_not_specialize=RUNTIME_INTS)
@@ -486,7 +473,7 @@ def kv_grad_kernel_sm90(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_img
                 dy = ky[:, None] - (cur_y + col_offs // 8)[None, :]
                 dx = kx[:, None] - (cur_x + col_offs % 8)[None, :]
                 if CIRCLE:
-                    ok = dx * dx <= max_d2 - dy * dy
+                    ok = dy * dy + dx * dx <= max_d2
                 else:
                     ok = (gl.abs(dy) <= reach_y) & (gl.abs(dx) <= reach_x)
                 p = gl.where(ok, p, 0.0)

@@ -94,31 +94,26 @@ def _hooks_installed() -> bool:
     return any(getattr(hook, "calls", hook is not None) for hook in hooks)
 
 
-def launch_through_jit(kernel, programs: int, args: tuple, constexprs: dict, num_warps: int,
-                       max_registers: Optional[int] = None):
+def launch_through_jit(kernel, programs: int, args: tuple, constexprs: dict, num_warps: int):
     """The same launch through Triton's JIT, descriptors validated (every first launch; the
     reference the direct path is tested and benchmarked against). Returns the compiled kernel."""
     real = [a.descriptor() if isinstance(a, HostDescriptor) else a for a in args]
-    options = {} if max_registers is None else {"maxnreg": max_registers}
-    return kernel[(programs,)](*real, **constexprs, num_warps=num_warps, **options)
+    return kernel[(programs,)](*real, **constexprs, num_warps=num_warps)
 
 
-def launch(kernel, programs: int, args: tuple, constexprs: dict, num_warps: int,
-           max_registers: Optional[int] = None) -> None:
+def launch(kernel, programs: int, args: tuple, constexprs: dict, num_warps: int) -> None:
     """Launches ``kernel`` (Gluon or Triton) over a 1-D grid of ``programs``: ``args`` are its
-    leading parameters (descriptors as :class:`HostDescriptor`), ``constexprs`` the trailing ones;
-    ``max_registers`` caps the registers per thread (ptxas's maxnreg) when it is compiled."""
+    leading parameters (descriptors as :class:`HostDescriptor`), ``constexprs`` the trailing ones."""
     device = torch.cuda.current_device()
     runtime = _runtime_params(kernel)
-    key = (kernel, device, num_warps, max_registers, *constexprs.items(),
-           *[_arg_key(i, a, runtime) for i, a in enumerate(args)])
+    key = (kernel, device, num_warps, *constexprs.items(), *[_arg_key(i, a, runtime) for i, a in enumerate(args)])
     compiled: Optional[Any] = _compiled.get(key)
     if compiled is None or _hooks_installed():
         names = kernel.arg_names[len(args):]
         if list(names) != list(constexprs):
             raise TypeError(f"{kernel.__name__}: expected the trailing parameters {names} as constexprs, "
                             f"got {list(constexprs)}")
-        compiled = launch_through_jit(kernel, programs, args, constexprs, num_warps, max_registers)
+        compiled = launch_through_jit(kernel, programs, args, constexprs, num_warps)
         if not _hooks_installed():
             _compiled[key] = compiled
         return

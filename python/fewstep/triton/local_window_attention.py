@@ -205,11 +205,11 @@ def gluon_supported(q: torch.Tensor) -> bool:
 
 
 def _launch(kernel, programs: int, args: tuple, gluon: bool, tiles: Tiles, block_d: int, circle: bool,
-            dtype: torch.dtype, max_registers: Optional[int] = None) -> None:
+            dtype: torch.dtype) -> None:
     """One launch over a 1-D grid of ``programs``: a Gluon kernel (its tiles fixed in the kernel, one
-    warpgroup; ``max_registers`` per thread if given) or a Triton kernel compiled for ``tiles``."""
+    warpgroup) or a Triton kernel compiled for ``tiles``."""
     if gluon:
-        direct_launch(kernel, programs, args, dict(HEAD_DIM=block_d, CIRCLE=circle), tiles.num_warps, max_registers)
+        direct_launch(kernel, programs, args, dict(HEAD_DIM=block_d, CIRCLE=circle), tiles.num_warps)
     else:
         kernel[(programs,)](*args, HEAD_DIM=block_d, TY=tiles.ty, TX=tiles.tx, KY=tiles.ky, KX=tiles.kx,
                             CIRCLE=circle, PRECISION=_precision(dtype), num_warps=tiles.num_warps,
@@ -221,9 +221,7 @@ def launch_forward(gluon: bool, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
                    window_h: int, window_w: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Launches the Gluon (``gluon``) or the Triton forward kernel on checked arguments."""
     triton, forward_kernel, *_ = _kernels()
-    max_registers = None
     if gluon:
-        from fewstep.triton._local_window_attention_gluon import FORWARD_MAX_REGISTERS as max_registers
         from fewstep.triton._local_window_attention_gluon import forward_kernel_sm90 as forward_kernel
     q, k, v = _tma_ready(q), _tma_ready(k), _tma_ready(v)
     batch, heads, n_tokens, head_dim = q.shape
@@ -251,7 +249,7 @@ def launch_forward(gluon: bool, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
             batch * heads, pattern.reach_y, pattern.reach_x, pattern.max_d2, scale * LOG2E)
     with _device_guard(q):
         _launch(forward_kernel, (n_text_blocks + n_image_tiles) * batch * heads, args, gluon, tiles, block_d,
-                pattern.circle, q.dtype, max_registers)
+                pattern.circle, q.dtype)
     return out, lse
 
 
