@@ -7,7 +7,8 @@ differences of out, lse, dQ, dK and dV from the Triton kernels', and dense SDPA'
 run for the rate it reaches on the card.
 
 Usage: ``python bench/local_window_attention_gluon_gpu.py [--out DIR] [--jit] [--all-pairs]
-[NAME=PATH ...]``; writes
+[NAME=PATH ...]`` (a variant module that defines ``launch_backward`` times its own backward
+launcher); writes
 ``DIR/local_window_attention_gluon.json`` and ``.md``."""
 from __future__ import annotations
 
@@ -78,9 +79,11 @@ def main():
             out, lse = lwa.launch_forward(gluon, q, k, v, None, None, *pattern)
             ms = graph_replay_ms(lambda: lwa.launch_forward(gluon, q, k, v, None, None, *pattern))
             grad_out = torch.randn_like(q)
-            bwd_ms = graph_replay_ms(lambda: lwa.launch_backward(gluon, grad_out, q, k, v, None, None, ref_out,
-                                                                 ref_lse, *pattern))
-            grads = lwa.launch_backward(gluon, grad_out, q, k, v, None, None, ref_out, ref_lse, *pattern)
+            # a variant module may bring its own backward launcher (kernels launched differently)
+            launch_backward = getattr(module, "launch_backward", lwa.launch_backward) if gluon else lwa.launch_backward
+            bwd_ms = graph_replay_ms(lambda: launch_backward(gluon, grad_out, q, k, v, None, None, ref_out, ref_lse,
+                                                             *pattern))
+            grads = launch_backward(gluon, grad_out, q, k, v, None, None, ref_out, ref_lse, *pattern)
             ref_grads = lwa.launch_backward(False, grad_out, q, k, v, None, None, ref_out, ref_lse, *pattern)
             row = dict(shape=label, variant=name, ms=round(ms, 4), backward_ms=round(bwd_ms, 4),
                        max_grad_rel_diff=max(float((g.float() - r.float()).abs().max() / r.float().abs().max())
