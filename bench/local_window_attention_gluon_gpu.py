@@ -73,18 +73,18 @@ def main():
         computed = kernel_work((shape.side, shape.side), shape.n_text, radius=shape.radius).forward * shape.heads
         flops = 4 * shape.head_dim
         ref_out, ref_lse = lwa.launch_forward(False, q, k, v, None, None, *pattern)
+        grad_out = torch.randn_like(q)
+        ref_grads = lwa.launch_backward(False, grad_out, q, k, v, None, None, ref_out, ref_lse, *pattern)
         label = f"{shape.side}x{shape.side}+{shape.n_text} r={shape.radius:g} {shape.heads}x{shape.head_dim}"
         for name, (gluon, module) in variants.items():
             sys.modules[GLUON_MODULE] = module
             out, lse = lwa.launch_forward(gluon, q, k, v, None, None, *pattern)
             ms = graph_replay_ms(lambda: lwa.launch_forward(gluon, q, k, v, None, None, *pattern))
-            grad_out = torch.randn_like(q)
             # a variant module may bring its own backward launcher (kernels launched differently)
-            launch_backward = getattr(module, "launch_backward", lwa.launch_backward) if gluon else lwa.launch_backward
+            launch_backward = getattr(module, "launch_backward", lwa.launch_backward)
             bwd_ms = graph_replay_ms(lambda: launch_backward(gluon, grad_out, q, k, v, None, None, ref_out, ref_lse,
                                                              *pattern))
             grads = launch_backward(gluon, grad_out, q, k, v, None, None, ref_out, ref_lse, *pattern)
-            ref_grads = lwa.launch_backward(False, grad_out, q, k, v, None, None, ref_out, ref_lse, *pattern)
             row = dict(shape=label, variant=name, ms=round(ms, 4), backward_ms=round(bwd_ms, 4),
                        max_grad_rel_diff=max(float((g.float() - r.float()).abs().max() / r.float().abs().max())
                                              for g, r in zip(grads[:3], ref_grads[:3])),
