@@ -113,6 +113,37 @@ def test_gluon_kernels_match_reference(name, dtype, head_dim):
                     assert_close_to_reference(g, r, same, f"{what}{tag} gluon={gluon} fused={fused_backward}")
 
 
+def test_fused_backward_stays_finite_when_every_score_of_a_row_is_very_negative():
+    """Queries along u, keys along -u: every score is below -170, so lse is too. The fused backward
+    forms dS K for every key it loads, the zero rows of K past the grid, the text and the extra
+    tokens too, whose p = exp(-lse) overflows fp32 there: they must not put inf * 0 = NaN into dQ."""
+    case = Case(1, 2, 1, 128, (13, 11), 70, n_extra=5, radius=4.5)
+    q, k, v, ek, ev = make_inputs(case, torch.bfloat16, seed=41)
+    if not triton_lwa.fused_backward_supported(q):
+        pytest.skip(f"the fused backward needs an sm_90 GPU, this is {torch.cuda.get_device_name()}")
+    gen = torch.Generator().manual_seed(42)
+    u = torch.nn.functional.normalize(torch.randn(case.head_dim, generator=gen), dim=0).to("cuda")
+    q = (q * 0.1 + 45 * u).to(q.dtype).requires_grad_()
+    k, ek = ((t * 0.1 - 45 * u).to(t.dtype).requires_grad_() for t in (k, ek))
+    v, ev = v.requires_grad_(), ev.requires_grad_()
+    leaves = [q, k, v, ek, ev]
+    kwargs = dict(**case.kwargs(), extra_k=ek, extra_v=ev)
+    grad_out = torch.randn(q.shape, dtype=torch.float64, device="cuda")
+    ref_out, ref_lse = local_window_attention_reference(q, k, v, **kwargs)
+    same_out, _ = local_window_attention_reference(q, k, v, **kwargs, dtype=torch.bfloat16)
+    ref_grads = torch.autograd.grad(ref_out, leaves, grad_out)
+    same_grads = torch.autograd.grad(same_out, leaves, grad_out.to(torch.bfloat16))
+    with torch.no_grad():
+        out, lse = triton_lwa.launch_forward(True, q, k, v, ek, ev, *case.pattern())
+        assert lse.max() < -100
+        poison_allocator(q)
+        grads = triton_lwa.launch_backward(True, grad_out.to(q.dtype), q, k, v, ek, ev, out, lse, *case.pattern(),
+                                           fused=True)
+    for what, g, r, same in zip(["dq", "dk", "dv", "dextra_k", "dextra_v"], grads, ref_grads, same_grads):
+        assert g.isfinite().all(), what
+        assert_close_to_reference(g, r, same, f"{what}[fused, scores below -170]")
+
+
 def test_gluon_direct_launch_matches_triton_jit_launch(monkeypatch):
     """After the first launch of a specialisation, the Gluon kernels and the delta kernel launch
     without Triton's JIT (fewstep.triton.direct_launch): same outputs and gradients, bit for bit, as

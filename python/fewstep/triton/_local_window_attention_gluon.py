@@ -626,7 +626,6 @@ def kv_q_grad_kernel_sm90(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_i
     ky = ky0 + key_offs // 8
     kx = kx0 + key_offs % 8
     col_offs = gl.arange(0, BLOCK, layout=col_layout)
-
     # One slot: block j+1 is loaded once block j's dK and dV products have completed. Cursor c gives
     # the image tile of each load and of the next block's statistics; cur is block j's (its mask and
     # dQ's reduce).
@@ -654,7 +653,11 @@ def kv_q_grad_kernel_sm90(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_i
                                           grid_w, (j + 1) % per_head, n_first, first_row, first_end, cy, cx,
                                           j + 1 < n_blocks, vec_layout)
         s = warpgroup_mma_wait(1, deps=[s_tok])
-        p = gl.exp2(s * qk_scale - lse2[None, :])
+        # p capped at 1, which no admitted key's p exceeds but by rounding: keys past the grid, n_text
+        # or n_extra load as zero rows of K, and where every score of a query row is very negative
+        # their p = exp2(-lse) overflows; capped, their dS K is 0 instead of inf * 0 = NaN (their
+        # dK and dV are not stored)
+        p = gl.minimum(gl.exp2(s * qk_scale - lse2[None, :]), 1.0)
         if jj >= n_first:  # an image query tile
             p = _mask_transposed(p, cur_y, cur_x, ky0, kx0, ky1, kx1, ky, kx, col_offs, reach_y, reach_x, max_d2,
                                  CIRCLE)
