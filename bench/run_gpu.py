@@ -37,6 +37,9 @@ SUITES = {"sampler_step": lambda rec, c: sampler_step_gpu.run(rec, c["copy_GBps"
           "adamw": lambda rec, c: adamw_gpu.run(rec, c["copy_GBps"]),
           "clear": lambda rec, c: clear_gpu.run(rec),
           "local_window_attention": lambda rec, c: local_window_attention_gpu.run(rec),
+          # the training shape only (64x64 + 512, r=16): one case of the suite above, for a short device call
+          "local_window_attention_training": lambda rec, c: local_window_attention_gpu.run(
+              rec, local_window_attention_gpu.CASES[:1]),
           "local_window_attention_models": lambda rec, c: local_window_attention_gpu.run(
               rec, local_window_attention_gpu.MODEL_CASES)}
 
