@@ -445,6 +445,39 @@ def _mask_transposed(p, cur_y, cur_x, ky0, kx0, ky1, kx1, ky, kx, col_offs, reac
     return p
 
 
+@gluon.jit
+def _start_key_program(k_txt, v_txt, k_img, v_img, k_ext, v_ext, k_smem, v_smem, bar, kv_bh, tile, text_key, image_key,
+                       extra_row0, ky0, kx0, n_text, n_tokens, grid_h, grid_w, group, reach_y, reach_x, max_d2,
+                       st_layout: gl.constexpr, CIRCLE: gl.constexpr):
+    """Loads the key block's K and V (completing on ``bar``) and returns its query blocks
+    (``_query_blocks``), the grid positions (ky, kx) of its rows and the column offsets of a
+    [keys, queries] tile."""
+    mbarrier.expect(bar, 2 * k_smem.shape[0] * k_smem.shape[1] * k_smem.dtype.primitive_bitwidth // 8)
+    _copy_key_block(k_txt, k_img, k_ext, k_smem, bar, kv_bh, tile, text_key, image_key, extra_row0, ky0, kx0, True)
+    _copy_key_block(v_txt, v_img, v_ext, v_smem, bar, kv_bh, tile, text_key, image_key, extra_row0, ky0, kx0, True)
+    ky1, kx1, y0, x0, x_end, first_row, first_end, n_first, per_head, n_blocks = _query_blocks(
+        ky0, kx0, text_key, image_key, n_text, n_tokens, grid_h, grid_w, group, reach_y, reach_x, max_d2, CIRCLE)
+    key_offs = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, st_layout))
+    col_offs = gl.arange(0, BLOCK, layout=gl.SliceLayout(0, st_layout))
+    return (ky1, kx1, y0, x0, x_end, first_row, first_end, n_first, per_head, n_blocks, ky0 + key_offs // 8,
+            kx0 + key_offs % 8, col_offs)
+
+
+@gluon.jit
+def _store_key_grads(dk, dv, dk_txt, dv_txt, dk_img, dv_img, dk_ext, dv_ext, k_smem, v_smem, kv_bh, tile, text_key,
+                     image_key, extra_row0, ky0, kx0):
+    """Stores dK and dV of the key block through the K and V buffers (no longer read), clipped at
+    n_text, at the grid and at n_extra."""
+    k_smem.store(dk.to(k_smem.dtype))
+    v_smem.store(dv.to(v_smem.dtype))
+    fence_async_shared()
+    _copy_key_block(dk_txt, dk_img, dk_ext, k_smem, None, kv_bh, tile, text_key, image_key, extra_row0, ky0, kx0,
+                    False)
+    _copy_key_block(dv_txt, dv_img, dv_ext, v_smem, None, kv_bh, tile, text_key, image_key, extra_row0, ky0, kx0,
+                    False)
+    tma.store_wait(0)
+
+
 @gluon.jit(do_not_specialize=RUNTIME_INTS)
 def kv_grad_kernel_sm90(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_img, k_ext, v_ext, dk_txt, dv_txt,
                         dk_img, dv_img, dk_ext, dv_ext, Lse, Delta, heads, group, n_tokens, n_text, grid_h, grid_w,
@@ -455,7 +488,6 @@ def kv_grad_kernel_sm90(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_img
     acc_layout: gl.constexpr = _mma_layout(HEAD_DIM)
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     col_layout: gl.constexpr = gl.SliceLayout(0, st_layout)
-    key_layout: gl.constexpr = gl.SliceLayout(1, st_layout)
     vec_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
     tile_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, HEAD_DIM], dtype)
 
@@ -471,16 +503,9 @@ def kv_grad_kernel_sm90(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_img
     mbarrier.init(kv_bar, count=1)
     for i in gl.static_range(2):
         mbarrier.init(bars.index(i), count=1)
-    mbarrier.expect(kv_bar, 2 * BLOCK * HEAD_DIM * dtype.primitive_bitwidth // 8)
-    _copy_key_block(k_txt, k_img, k_ext, k_smem, kv_bar, kv_bh, tile, text_key, image_key, extra_row0, ky0, kx0, True)
-    _copy_key_block(v_txt, v_img, v_ext, v_smem, kv_bar, kv_bh, tile, text_key, image_key, extra_row0, ky0, kx0, True)
-
-    ky1, kx1, y0, x0, x_end, first_row, first_end, n_first, per_head, n_blocks = _query_blocks(
-        ky0, kx0, text_key, image_key, n_text, n_tokens, grid_h, grid_w, group, reach_y, reach_x, max_d2, CIRCLE)
-    key_offs = gl.arange(0, BLOCK, layout=key_layout)
-    ky = ky0 + key_offs // 8
-    kx = kx0 + key_offs % 8
-    col_offs = gl.arange(0, BLOCK, layout=col_layout)
+    ky1, kx1, y0, x0, x_end, first_row, first_end, n_first, per_head, n_blocks, ky, kx, col_offs = _start_key_program(
+        k_txt, v_txt, k_img, v_img, k_ext, v_ext, k_smem, v_smem, kv_bar, kv_bh, tile, text_key, image_key, extra_row0,
+        ky0, kx0, n_text, n_tokens, grid_h, grid_w, group, reach_y, reach_x, max_d2, st_layout, CIRCLE)
 
     # Two-slot ring as in the forward: block j+2 is loaded once block j's products have completed;
     # cursor c gives the image tile of each load, the statistics and the mask of the same block
@@ -538,14 +563,8 @@ def kv_grad_kernel_sm90(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_img
     mbarrier.invalidate(kv_bar)
     for i in gl.static_range(2):
         mbarrier.invalidate(bars.index(i))
-    k_smem.store((dk * scale).to(dtype))  # K and V are no longer read: their buffers stage dK and dV
-    v_smem.store(dv.to(dtype))
-    fence_async_shared()  # stores clipped at n_text, at the grid and at n_extra
-    _copy_key_block(dk_txt, dk_img, dk_ext, k_smem, kv_bar, kv_bh, tile, text_key, image_key, extra_row0, ky0, kx0,
-                    False)
-    _copy_key_block(dv_txt, dv_img, dv_ext, v_smem, kv_bar, kv_bh, tile, text_key, image_key, extra_row0, ky0, kx0,
-                    False)
-    tma.store_wait(0)
+    _store_key_grads(dk * scale, dv, dk_txt, dv_txt, dk_img, dv_img, dk_ext, dv_ext, k_smem, v_smem, kv_bh, tile,
+                     text_key, image_key, extra_row0, ky0, kx0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -593,7 +612,6 @@ def kv_q_grad_kernel_sm90(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_i
     acc_layout: gl.constexpr = _mma_layout(HEAD_DIM)
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     col_layout: gl.constexpr = gl.SliceLayout(0, st_layout)
-    key_layout: gl.constexpr = gl.SliceLayout(1, st_layout)
     vec_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
     tile_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, HEAD_DIM], dtype)
     ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, BLOCK], dtype)
@@ -616,16 +634,9 @@ def kv_q_grad_kernel_sm90(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_i
     bars = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
     mbarrier.init(kv_bar, count=1)
     mbarrier.init(bars.index(0), count=1)
-    mbarrier.expect(kv_bar, 2 * BLOCK * HEAD_DIM * dtype.primitive_bitwidth // 8)
-    _copy_key_block(k_txt, k_img, k_ext, k_smem, kv_bar, kv_bh, tile, text_key, image_key, extra_row0, ky0, kx0, True)
-    _copy_key_block(v_txt, v_img, v_ext, v_smem, kv_bar, kv_bh, tile, text_key, image_key, extra_row0, ky0, kx0, True)
-
-    ky1, kx1, y0, x0, x_end, first_row, first_end, n_first, per_head, n_blocks = _query_blocks(
-        ky0, kx0, text_key, image_key, n_text, n_tokens, grid_h, grid_w, group, reach_y, reach_x, max_d2, CIRCLE)
-    key_offs = gl.arange(0, BLOCK, layout=key_layout)
-    ky = ky0 + key_offs // 8
-    kx = kx0 + key_offs % 8
-    col_offs = gl.arange(0, BLOCK, layout=col_layout)
+    ky1, kx1, y0, x0, x_end, first_row, first_end, n_first, per_head, n_blocks, ky, kx, col_offs = _start_key_program(
+        k_txt, v_txt, k_img, v_img, k_ext, v_ext, k_smem, v_smem, kv_bar, kv_bh, tile, text_key, image_key, extra_row0,
+        ky0, kx0, n_text, n_tokens, grid_h, grid_w, group, reach_y, reach_x, max_d2, st_layout, CIRCLE)
     # One slot: block j+1 is loaded once block j's dK and dV products have completed. Cursor c gives
     # the image tile of each load and of the next block's statistics; cur is block j's (its mask and
     # dQ's reduce).
@@ -690,14 +701,8 @@ def kv_q_grad_kernel_sm90(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_i
 
     mbarrier.invalidate(kv_bar)
     mbarrier.invalidate(bars.index(0))
-    k_smem.store((dk * scale).to(dtype))  # K and V are no longer read: their buffers stage dK and dV
-    v_smem.store(dv.to(dtype))
-    fence_async_shared()  # stores clipped at n_text, at the grid and at n_extra
-    _copy_key_block(dk_txt, dk_img, dk_ext, k_smem, kv_bar, kv_bh, tile, text_key, image_key, extra_row0, ky0, kx0,
-                    False)
-    _copy_key_block(dv_txt, dv_img, dv_ext, v_smem, kv_bar, kv_bh, tile, text_key, image_key, extra_row0, ky0, kx0,
-                    False)
-    tma.store_wait(0)
+    _store_key_grads(dk * scale, dv, dk_txt, dv_txt, dk_img, dv_img, dk_ext, dv_ext, k_smem, v_smem, kv_bh, tile,
+                     text_key, image_key, extra_row0, ky0, kx0)
 
 
 # ---------------------------------------------------------------------------------------------
