@@ -8,7 +8,8 @@ run for the rate it reaches on the card.
 
 Usage: ``python bench/local_window_attention_gluon_gpu.py [--out DIR] [--jit] [--all-pairs]
 [NAME=PATH ...]`` (a variant module that defines ``launch_backward`` times its own backward
-launcher; ``gluon fused`` is the landed fused backward, at head dims 65-128); writes
+launcher; ``gluon fused`` is the landed fused backward, at head dims 65-128, which a variant
+module that has the fused kernel runs too); writes
 ``DIR/local_window_attention_gluon.json`` and ``.md``."""
 from __future__ import annotations
 
@@ -66,8 +67,9 @@ def main():
     import fewstep.triton._local_window_attention_gluon as landed
     # name -> (Gluon kernels?, kernel module, fused backward?)
     variants = {"triton": (False, landed, False), "gluon": (True, landed, False), "gluon fused": (True, landed, True)}
-    variants.update({name: (True, gluon_variant(name, path), False)
-                     for name, path in (v.split("=", 1) for v in args.variants)})
+    for name, path in (v.split("=", 1) for v in args.variants):
+        module = gluon_variant(name, path)  # with the fused backward where the module has its kernel
+        variants[name] = (True, module, hasattr(module, "kv_q_grad_kernel_sm90"))
     rows = []
     for shape in SHAPES + ([ALL_PAIRS] if args.all_pairs else []):
         q, k, v = inputs(shape)
@@ -81,7 +83,9 @@ def main():
         label = f"{shape.side}x{shape.side}+{shape.n_text} r={shape.radius:g} {shape.heads}x{shape.head_dim}"
         for name, (gluon, module, fused) in variants.items():
             if fused and not lwa.fused_backward_supported(q):
-                continue
+                if name == "gluon fused":
+                    continue  # the same kernels as "gluon"
+                fused = False
             sys.modules[GLUON_MODULE] = module
             out, lse = lwa.launch_forward(gluon, q, k, v, None, None, *pattern)
             ms = graph_replay_ms(lambda: lwa.launch_forward(gluon, q, k, v, None, None, *pattern))
