@@ -8,13 +8,11 @@ run for the rate it reaches on the card.
 
 Usage: ``python bench/local_window_attention_gluon_gpu.py [--out DIR] [--jit] [--all-pairs]
 [NAME=PATH ...]`` (a variant module that defines ``launch_backward`` times its own backward
-launcher; ``gluon fused`` is the landed fused backward, at head dims 65-128, which a variant
-module that has the fused kernel runs too); writes
+launcher); writes
 ``DIR/local_window_attention_gluon.json`` and ``.md``."""
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib.util
 import json
 import os
@@ -65,11 +63,8 @@ def main():
         from fewstep.triton.direct_launch import launch_through_jit
         lwa.direct_launch = launch_through_jit
     import fewstep.triton._local_window_attention_gluon as landed
-    # name -> (Gluon kernels?, kernel module, fused backward?)
-    variants = {"triton": (False, landed, False), "gluon": (True, landed, False), "gluon fused": (True, landed, True)}
-    for name, path in (v.split("=", 1) for v in args.variants):
-        module = gluon_variant(name, path)  # with the fused backward where the module has its kernel
-        variants[name] = (True, module, hasattr(module, "kv_q_grad_kernel_sm90"))
+    variants = {"triton": (False, landed), "gluon": (True, landed)}
+    variants.update({name: (True, gluon_variant(name, path)) for name, path in (v.split("=", 1) for v in args.variants)})
     rows = []
     for shape in SHAPES + ([ALL_PAIRS] if args.all_pairs else []):
         q, k, v = inputs(shape)
@@ -81,16 +76,12 @@ def main():
         grad_out = torch.randn_like(q)
         ref_grads = lwa.launch_backward(False, grad_out, q, k, v, None, None, ref_out, ref_lse, *pattern)
         label = f"{shape.side}x{shape.side}+{shape.n_text} r={shape.radius:g} {shape.heads}x{shape.head_dim}"
-        for name, (gluon, module, fused) in variants.items():
-            if fused and not lwa.fused_backward_supported(q):
-                if name == "gluon fused":
-                    continue  # the same kernels as "gluon"
-                fused = False
+        for name, (gluon, module) in variants.items():
             sys.modules[GLUON_MODULE] = module
             out, lse = lwa.launch_forward(gluon, q, k, v, None, None, *pattern)
             ms = graph_replay_ms(lambda: lwa.launch_forward(gluon, q, k, v, None, None, *pattern))
             # a variant module may bring its own backward launcher (kernels launched differently)
-            launch_backward = getattr(module, "launch_backward", functools.partial(lwa.launch_backward, fused=fused))
+            launch_backward = getattr(module, "launch_backward", lwa.launch_backward)
             bwd_ms = graph_replay_ms(lambda: launch_backward(gluon, grad_out, q, k, v, None, None, ref_out, ref_lse,
                                                              *pattern))
             grads = launch_backward(gluon, grad_out, q, k, v, None, None, ref_out, ref_lse, *pattern)

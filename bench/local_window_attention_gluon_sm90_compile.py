@@ -37,10 +37,9 @@ def ptxas_report(ptx: str) -> str:
                      if "spill" in line or "registers" in line)
 
 
-def descriptor_type(block: list, dtype=gl.bfloat16) -> str:
-    layout = gl.NVMMASharedLayout.get_default_for(block, dtype)
-    name = {gl.bfloat16: "bf16", gl.float32: "fp32"}[dtype]
-    return f"tensordesc<{name}[{','.join(map(str, block))}],{layout!r}>"
+def descriptor_type(block: list) -> str:
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
+    return f"tensordesc<bf16[{','.join(map(str, block))}],{layout!r}>"
 
 
 def compile_kernel(fn, head_dim: int, extra_tokens: bool):
@@ -54,10 +53,6 @@ def compile_kernel(fn, head_dim: int, extra_tokens: bool):
             signature[name] = "fp32"
         elif name.endswith("_ext") and not extra_tokens:
             signature[name], constexprs[name] = "constexpr", None
-        elif name == "dq_img" and "dq_seq" in fn.arg_names:  # the fused backward's fp32 dQ, 32 columns a block
-            signature[name] = descriptor_type([1, 8, 8, 32], gl.float32)
-        elif name == "dq_seq":
-            signature[name] = descriptor_type([1, 64, 32], gl.float32)
         elif name.endswith("_img"):
             signature[name] = descriptor_type([1, 8, 8, head_dim])
         elif name.split("_")[-1] in ("txt", "seq", "ext"):
@@ -74,11 +69,10 @@ def main():
     parser.add_argument("--head-dims", default="64,128")
     args = parser.parse_args()
     for head_dim in map(int, args.head_dims.split(",")):
-        fused = [kernels.kv_q_grad_kernel_sm90] if head_dim == 128 else []  # the fused backward: D 65-128 only
-        for fn in (kernels.forward_kernel_sm90, kernels.kv_grad_kernel_sm90, *fused, kernels.q_grad_kernel_sm90):
+        for fn in (kernels.forward_kernel_sm90, kernels.kv_grad_kernel_sm90, kernels.q_grad_kernel_sm90):
             compiled = compile_kernel(fn, head_dim, extra_tokens=False)
             ptx = compiled.asm["ptx"]
-            print(f"{fn.__name__:21s} bf16 D={head_dim:3d}: {ptxas_report(ptx)}; shared {compiled.metadata.shared} B; "
+            print(f"{fn.__name__:20s} bf16 D={head_dim:3d}: {ptxas_report(ptx)}; shared {compiled.metadata.shared} B; "
                   f"wgmma {ptx.count('wgmma.mma_async')}, TMA {ptx.count('cp.async.bulk.tensor')}", flush=True)
 
 

@@ -377,27 +377,6 @@ def test_gluon_kernels_are_chosen_for_hopper_cuda_tensors_only_and_get_swizzled_
     assert lwa._image(q, 7, 9, 11, 8, 8, gluon=True).descriptor().layout is real_image.layout  # cached
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_fused_backward_is_chosen_on_hopper_at_head_dims_65_to_128_and_gets_fp32_chunk_descriptors():
-    """The fused Gluon backward (not deterministic) adds dQ into an fp32 buffer through 32-column
-    blocks, which a 128-byte swizzle spans in fp32; it is refused where it does not run, with an
-    error that names the argument."""
-    from fewstep.triton import local_window_attention as lwa
-    q = torch.randn(1, 2, 7 + 9 * 11, 96, dtype=torch.bfloat16)
-    assert not lwa.fused_backward_supported(q)  # a CPU tensor
-    dq = torch.zeros(q.shape, dtype=torch.float32)
-    block = lwa._image(dq, 7, 9, 11, 8, 8, gluon=True, columns=32).descriptor()
-    assert block.block_shape == [1, 8, 8, 32] and block.shape == [2, 9, 11, 96]
-    assert block.layout.swizzle_byte_width == 128 and block.layout.element_bitwidth == 32
-    assert lwa._sequence(dq, 7 + 99, 64, gluon=True, columns=32).descriptor().block_shape == [1, 64, 32]
-    lse = torch.zeros(q.shape[:3])
-    for gluon, head_dim in [(False, 96), (True, 64)]:
-        x = q[..., :head_dim].contiguous()
-        with pytest.raises(ValueError, match=rf"^fused: the fused backward is a Gluon kernel for head dims 65-128, "
-                                             rf"got gluon={gluon} and head dim {head_dim}$"):
-            lwa.launch_backward(gluon, x, x, x, x, None, None, x, lse, 9, 11, 7, 3.0, -1, -1, 0.1, fused=True)
-
-
 def test_direct_launch_key_separates_what_triton_specialises():
     """The direct launch path reuses a compiled kernel only for arguments Triton would bind to the
     same specialisation: descriptors by dtype and block, pointers by dtype and 16-byte alignment,

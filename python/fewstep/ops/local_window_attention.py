@@ -112,10 +112,6 @@ def local_window_attention(
     ``h // (heads // kv_heads)``); extra_k, extra_v ``[B, kv_heads, E, D]``. Returns ``out`` like
     q, and with ``return_lse`` also the natural-log log-sum-exp ``[B, heads, N]`` (float32, float64
     for float64 inputs; not differentiable). Differentiable in q, k, v, extra_k and extra_v.
-
-    The backward is bitwise reproducible except on Hopper GPUs at head dims 65-128 in fp16/bf16,
-    where one fused kernel adds dQ's parts in a varying order (fp32 sums, rounded once);
-    ``torch.use_deterministic_algorithms(True)`` selects deterministic kernels there too.
     """
     _checks.check_tensor("q", q)
     args = (q, k, v, extra_k, extra_v, *_pattern_args(q, grid, radius, window, n_text, scale))

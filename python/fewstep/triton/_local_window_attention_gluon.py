@@ -19,10 +19,8 @@ and the GPU tests both.
 """
 from __future__ import annotations
 
-from triton._C.libtriton import ir
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                warpgroup_mma_wait)
 
@@ -358,12 +356,22 @@ def _advance_query(b, per_head, n_first, y0, x0, x_end, cy, cx, c_end, ky0, ky1,
     return cy, cx, c_end
 
 
-@gluon.jit
-def _key_program(n_text_blocks, n_image_tiles, n_extra_blocks, n_heads, heads, group, tiles_x):
-    """This program's key block in the dK/dV kernels: the text and extra key blocks (seen by every
-    query) of every (batch, kv head) first, then the 8x8 image key tiles. Returns the block, its
-    (batch, kv head), the first query head of its GQA group, its kind, and its first extra row or
-    image corner (ky0, kx0)."""
+@gluon.jit(do_not_specialize=RUNTIME_INTS)
+def kv_grad_kernel_sm90(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_img, k_ext, v_ext, dk_txt, dv_txt,
+                        dk_img, dv_img, dk_ext, dv_ext, Lse, Delta, heads, group, n_tokens, n_text, grid_h, grid_w,
+                        n_extra, tiles_x, n_text_blocks, n_image_tiles, n_extra_blocks, n_heads, reach_y, reach_x,
+                        max_d2, qk_scale, scale, HEAD_DIM: gl.constexpr, CIRCLE: gl.constexpr):
+    dtype: gl.constexpr = k_img.dtype
+    st_layout: gl.constexpr = _mma_layout(BLOCK)  # [keys, queries]
+    acc_layout: gl.constexpr = _mma_layout(HEAD_DIM)
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    col_layout: gl.constexpr = gl.SliceLayout(0, st_layout)
+    key_layout: gl.constexpr = gl.SliceLayout(1, st_layout)
+    vec_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    tile_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, HEAD_DIM], dtype)
+
+    # program -> (key block, batch*kv head): the text and extra key blocks (seen by every query) of
+    # every head first, then the image key tiles
     pid = gl.program_id(0)
     n_long = (n_text_blocks + n_extra_blocks) * n_heads
     long_block = pid // n_heads
@@ -380,119 +388,6 @@ def _key_program(n_text_blocks, n_image_tiles, n_extra_blocks, n_heads, heads, g
     image_tile = gl.maximum(tile - n_text_blocks, 0)
     ky0 = (image_tile // tiles_x) * 8
     kx0 = (image_tile % tiles_x) * 8
-    return tile, kv_bh, first_bh, text_key, image_key, extra_row0, ky0, kx0
-
-
-@gluon.jit
-def _copy_key_block(txt, img, ext, smem, bar, kv_bh, tile, text_key, image_key, extra_row0, ky0, kx0,
-                    LOAD: gl.constexpr):
-    """TMA load (``LOAD``, completing on ``bar``) or clipped store of this program's key block of one
-    operand: 64 text rows, the 8x8 image tile at (ky0, kx0) or 64 extra rows."""
-    head_dim: gl.constexpr = smem.shape[1]
-    if text_key:
-        if LOAD:
-            tma.async_copy_global_to_shared(txt, [kv_bh, tile * BLOCK, 0], bar, smem.reshape([1, BLOCK, head_dim]))
-        else:
-            tma.async_copy_shared_to_global(txt, [kv_bh, tile * BLOCK, 0], smem.reshape([1, BLOCK, head_dim]))
-    elif image_key:
-        if LOAD:
-            tma.async_copy_global_to_shared(img, [kv_bh, ky0, kx0, 0], bar, smem.reshape([1, 8, 8, head_dim]))
-        else:
-            tma.async_copy_shared_to_global(img, [kv_bh, ky0, kx0, 0], smem.reshape([1, 8, 8, head_dim]))
-    else:
-        if ext is not None:
-            if LOAD:
-                tma.async_copy_global_to_shared(ext, [kv_bh, extra_row0, 0], bar, smem.reshape([1, BLOCK, head_dim]))
-            else:
-                tma.async_copy_shared_to_global(ext, [kv_bh, extra_row0, 0], smem.reshape([1, BLOCK, head_dim]))
-
-
-@gluon.jit
-def _query_blocks(ky0, kx0, text_key, image_key, n_text, n_tokens, grid_h, grid_w, group, reach_y, reach_x, max_d2,
-                  CIRCLE: gl.constexpr):
-    """The query blocks of one head that see this key block: n_first contiguous 64-row blocks from
-    first_row (every query row for text keys, the text rows for image keys, the image rows for
-    extra keys; rows up to first_end), then the image query tiles the pattern around an image key
-    tile reaches (the walk from (y0, x0), its first row ending at x_end). Returns those, per_head
-    blocks for each head and n_blocks for the GQA group."""
-    ky1, kx1, y0, x0, x_end, n_walk = _walk_start(ky0, kx0, grid_h, grid_w, reach_y, reach_x, max_d2, CIRCLE)
-    first_row = gl.where(text_key | image_key, 0, n_text)
-    first_end = gl.where(image_key, n_text, n_tokens)
-    n_first = (first_end - first_row + BLOCK - 1) // BLOCK
-    per_head = n_first + gl.where(image_key, n_walk, 0)
-    return ky1, kx1, y0, x0, x_end, first_row, first_end, n_first, per_head, per_head * group
-
-
-@gluon.jit
-def _mask_transposed(p, cur_y, cur_x, ky0, kx0, ky1, kx1, ky, kx, col_offs, reach_y, reach_x, max_d2,
-                     CIRCLE: gl.constexpr):
-    """P^T [keys, queries] of the image query tile at (cur_y, cur_x) with the pairs outside the
-    pattern at 0; tile pairs the pattern does not cut (the common case) pass through unmasked."""
-    far_y = gl.maximum(cur_y + 7 - ky0, ky1 - cur_y)
-    far_x = gl.maximum(cur_x + 7 - kx0, kx1 - cur_x)
-    if CIRCLE:
-        inside = far_y * far_y + far_x * far_x <= max_d2
-    else:
-        inside = (far_y <= reach_y) & (far_x <= reach_x)
-    if not inside:
-        dy = ky[:, None] - (cur_y + col_offs // 8)[None, :]
-        dx = kx[:, None] - (cur_x + col_offs % 8)[None, :]
-        if CIRCLE:
-            ok = dy * dy + dx * dx <= max_d2
-        else:
-            ok = (gl.abs(dy) <= reach_y) & (gl.abs(dx) <= reach_x)
-        p = gl.where(ok, p, 0.0)
-    return p
-
-
-@gluon.jit
-def _start_key_program(k_txt, v_txt, k_img, v_img, k_ext, v_ext, k_smem, v_smem, bar, kv_bh, tile, text_key, image_key,
-                       extra_row0, ky0, kx0, n_text, n_tokens, grid_h, grid_w, group, reach_y, reach_x, max_d2,
-                       st_layout: gl.constexpr, CIRCLE: gl.constexpr):
-    """Loads the key block's K and V (completing on ``bar``) and returns its query blocks
-    (``_query_blocks``), the grid positions (ky, kx) of its rows and the column offsets of a
-    [keys, queries] tile."""
-    mbarrier.expect(bar, 2 * k_smem.shape[0] * k_smem.shape[1] * k_smem.dtype.primitive_bitwidth // 8)
-    _copy_key_block(k_txt, k_img, k_ext, k_smem, bar, kv_bh, tile, text_key, image_key, extra_row0, ky0, kx0, True)
-    _copy_key_block(v_txt, v_img, v_ext, v_smem, bar, kv_bh, tile, text_key, image_key, extra_row0, ky0, kx0, True)
-    ky1, kx1, y0, x0, x_end, first_row, first_end, n_first, per_head, n_blocks = _query_blocks(
-        ky0, kx0, text_key, image_key, n_text, n_tokens, grid_h, grid_w, group, reach_y, reach_x, max_d2, CIRCLE)
-    key_offs = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, st_layout))
-    col_offs = gl.arange(0, BLOCK, layout=gl.SliceLayout(0, st_layout))
-    return (ky1, kx1, y0, x0, x_end, first_row, first_end, n_first, per_head, n_blocks, ky0 + key_offs // 8,
-            kx0 + key_offs % 8, col_offs)
-
-
-@gluon.jit
-def _store_key_grads(dk, dv, dk_txt, dv_txt, dk_img, dv_img, dk_ext, dv_ext, k_smem, v_smem, kv_bh, tile, text_key,
-                     image_key, extra_row0, ky0, kx0):
-    """Stores dK and dV of the key block through the K and V buffers (no longer read), clipped at
-    n_text, at the grid and at n_extra."""
-    k_smem.store(dk.to(k_smem.dtype))
-    v_smem.store(dv.to(v_smem.dtype))
-    fence_async_shared()
-    _copy_key_block(dk_txt, dk_img, dk_ext, k_smem, None, kv_bh, tile, text_key, image_key, extra_row0, ky0, kx0,
-                    False)
-    _copy_key_block(dv_txt, dv_img, dv_ext, v_smem, None, kv_bh, tile, text_key, image_key, extra_row0, ky0, kx0,
-                    False)
-    tma.store_wait(0)
-
-
-@gluon.jit(do_not_specialize=RUNTIME_INTS)
-def kv_grad_kernel_sm90(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_img, k_ext, v_ext, dk_txt, dv_txt,
-                        dk_img, dv_img, dk_ext, dv_ext, Lse, Delta, heads, group, n_tokens, n_text, grid_h, grid_w,
-                        n_extra, tiles_x, n_text_blocks, n_image_tiles, n_extra_blocks, n_heads, reach_y, reach_x,
-                        max_d2, qk_scale, scale, HEAD_DIM: gl.constexpr, CIRCLE: gl.constexpr):
-    dtype: gl.constexpr = k_img.dtype
-    st_layout: gl.constexpr = _mma_layout(BLOCK)  # [keys, queries]
-    acc_layout: gl.constexpr = _mma_layout(HEAD_DIM)
-    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
-    col_layout: gl.constexpr = gl.SliceLayout(0, st_layout)
-    vec_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-    tile_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, HEAD_DIM], dtype)
-
-    tile, kv_bh, first_bh, text_key, image_key, extra_row0, ky0, kx0 = _key_program(
-        n_text_blocks, n_image_tiles, n_extra_blocks, n_heads, heads, group, tiles_x)
 
     k_smem = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], tile_layout)
     v_smem = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], tile_layout)
@@ -503,9 +398,33 @@ def kv_grad_kernel_sm90(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_img
     mbarrier.init(kv_bar, count=1)
     for i in gl.static_range(2):
         mbarrier.init(bars.index(i), count=1)
-    ky1, kx1, y0, x0, x_end, first_row, first_end, n_first, per_head, n_blocks, ky, kx, col_offs = _start_key_program(
-        k_txt, v_txt, k_img, v_img, k_ext, v_ext, k_smem, v_smem, kv_bar, kv_bh, tile, text_key, image_key, extra_row0,
-        ky0, kx0, n_text, n_tokens, grid_h, grid_w, group, reach_y, reach_x, max_d2, st_layout, CIRCLE)
+    mbarrier.expect(kv_bar, 2 * BLOCK * HEAD_DIM * dtype.primitive_bitwidth // 8)
+    if text_key:
+        tma.async_copy_global_to_shared(k_txt, [kv_bh, tile * BLOCK, 0], kv_bar, k_smem.reshape([1, BLOCK, HEAD_DIM]))
+        tma.async_copy_global_to_shared(v_txt, [kv_bh, tile * BLOCK, 0], kv_bar, v_smem.reshape([1, BLOCK, HEAD_DIM]))
+    elif image_key:
+        tma.async_copy_global_to_shared(k_img, [kv_bh, ky0, kx0, 0], kv_bar, k_smem.reshape([1, 8, 8, HEAD_DIM]))
+        tma.async_copy_global_to_shared(v_img, [kv_bh, ky0, kx0, 0], kv_bar, v_smem.reshape([1, 8, 8, HEAD_DIM]))
+    else:
+        if k_ext is not None:
+            tma.async_copy_global_to_shared(k_ext, [kv_bh, extra_row0, 0], kv_bar,
+                                            k_smem.reshape([1, BLOCK, HEAD_DIM]))
+            tma.async_copy_global_to_shared(v_ext, [kv_bh, extra_row0, 0], kv_bar,
+                                            v_smem.reshape([1, BLOCK, HEAD_DIM]))
+
+    # The query blocks of one head: n_first contiguous 64-row blocks from first_row (every query row
+    # for text keys, the text rows for image keys, the image rows for extra keys; rows up to
+    # first_end), then the image query tiles the pattern around an image key tile reaches.
+    ky1, kx1, y0, x0, x_end, n_walk = _walk_start(ky0, kx0, grid_h, grid_w, reach_y, reach_x, max_d2, CIRCLE)
+    first_row = gl.where(text_key | image_key, 0, n_text)
+    first_end = gl.where(image_key, n_text, n_tokens)
+    n_first = (first_end - first_row + BLOCK - 1) // BLOCK
+    per_head = n_first + gl.where(image_key, n_walk, 0)
+    n_blocks = per_head * group
+    key_offs = gl.arange(0, BLOCK, layout=key_layout)
+    ky = ky0 + key_offs // 8
+    kx = kx0 + key_offs % 8
+    col_offs = gl.arange(0, BLOCK, layout=col_layout)
 
     # Two-slot ring as in the forward: block j+2 is loaded once block j's products have completed;
     # cursor c gives the image tile of each load, the statistics and the mask of the same block
@@ -543,9 +462,21 @@ def kv_grad_kernel_sm90(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_img
                                           j + 1 < n_blocks, vec_layout)
         s = warpgroup_mma_wait(1, deps=[s_tok])
         p = gl.exp2(s * qk_scale - lse2[None, :])
-        if jj >= n_first:  # an image query tile
-            p = _mask_transposed(p, cur_y, cur_x, ky0, kx0, ky1, kx1, ky, kx, col_offs, reach_y, reach_x, max_d2,
-                                 CIRCLE)
+        if jj >= n_first:  # an image query tile: the element mask where the pattern cuts it
+            far_y = gl.maximum(cur_y + 7 - ky0, ky1 - cur_y)
+            far_x = gl.maximum(cur_x + 7 - kx0, kx1 - cur_x)
+            if CIRCLE:
+                inside = far_y * far_y + far_x * far_x <= max_d2
+            else:
+                inside = (far_y <= reach_y) & (far_x <= reach_x)
+            if not inside:
+                dy = ky[:, None] - (cur_y + col_offs // 8)[None, :]
+                dx = kx[:, None] - (cur_x + col_offs % 8)[None, :]
+                if CIRCLE:
+                    ok = dy * dy + dx * dx <= max_d2
+                else:
+                    ok = (gl.abs(dy) <= reach_y) & (gl.abs(dx) <= reach_x)
+                p = gl.where(ok, p, 0.0)
         p_op = gl.convert_layout(p.to(dtype), op_layout)
         dv_tok = warpgroup_mma(p_op, do_ring.index(slot), dv, is_async=True)
         dp = warpgroup_mma_wait(1, deps=[dp_tok])
@@ -563,146 +494,20 @@ def kv_grad_kernel_sm90(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_img
     mbarrier.invalidate(kv_bar)
     for i in gl.static_range(2):
         mbarrier.invalidate(bars.index(i))
-    _store_key_grads(dk * scale, dv, dk_txt, dv_txt, dk_img, dv_img, dk_ext, dv_ext, k_smem, v_smem, kv_bh, tile,
-                     text_key, image_key, extra_row0, ky0, kx0)
-
-
-# ---------------------------------------------------------------------------------------------
-# dK/dV and dQ in one kernel (the non-deterministic default): the dK/dV program of a key block
-# also forms dQ's part from each query block it visits, dS K, and adds it into a zeroed fp32 dQ by
-# TMA reduce-add (cp.reduce.async.bulk.tensor), so S and dP are not recomputed for dQ: five
-# products per pair instead of seven. The order of the adds into dQ varies from run to run.
-
-
-@builtin
-def _reduce_add_shared_to_global(tensor_desc, coord, src, _semantic=None):
-    """TMA reduce-add of the shared-memory block ``src`` into the global tile at ``coord`` (Triton
-    3.6's Gluon exports no TMA reduce; its op builder has the op)."""
-    coord = _semantic._convert_to_ir_values(coord, require_i64=False)
-    _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord, src.handle)
-
-
-@gluon.jit
-def _reduce_query_block(dq_seq, dq_img, stage, bh, contiguous, row, y0, x0, HEAD_DIM: gl.constexpr):
-    """Adds the staged fp32 dQ of a query block ([HEAD_DIM // 64, 64, 64], 64 columns each) into the
-    dQ buffer at 64 contiguous rows from ``row`` or at the 8x8 image tile at (y0, x0), 32 columns at
-    a time: a 128-byte swizzle spans 32 fp32 columns, and the swizzled [64, 64] tile holds its two
-    32-column chunks one after the other. Rows outside the block's range carry zeros (their p is
-    0), so adds past it change nothing; TMA drops those past the grid and the sequence."""
-    chunk_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, 32], gl.float32)
-    for half in gl.static_range(HEAD_DIM // 64):
-        chunks = stage.index(half)._reinterpret(gl.float32, [2, BLOCK, 32], chunk_layout)
-        for c in gl.static_range(2):
-            col = half * 64 + c * 32
-            if contiguous:
-                _reduce_add_shared_to_global(dq_seq, [bh, row, col], chunks.index(c).reshape([1, BLOCK, 32]))
-            else:
-                _reduce_add_shared_to_global(dq_img, [bh, y0, x0, col], chunks.index(c).reshape([1, 8, 8, 32]))
-
-
-@gluon.jit(do_not_specialize=RUNTIME_INTS)
-def kv_q_grad_kernel_sm90(q_seq, do_seq, q_img, do_img, k_txt, v_txt, k_img, v_img, k_ext, v_ext, dk_txt, dv_txt,
-                          dk_img, dv_img, dk_ext, dv_ext, dq_seq, dq_img, Lse, Delta, heads, group, n_tokens, n_text,
-                          grid_h, grid_w, n_extra, tiles_x, n_text_blocks, n_image_tiles, n_extra_blocks, n_heads,
-                          reach_y, reach_x, max_d2, qk_scale, scale, HEAD_DIM: gl.constexpr, CIRCLE: gl.constexpr):
-    # at 64 the ptxas of Triton 3.6 (CUDA 12.8) crashes on this kernel (CUDA 13.0's compiles it)
-    gl.static_assert(HEAD_DIM == 128, "the fused backward is compiled for head dims 65-128")
-    dtype: gl.constexpr = k_img.dtype
-    st_layout: gl.constexpr = _mma_layout(BLOCK)  # [keys, queries]; also dQ's [queries, 64 columns]
-    acc_layout: gl.constexpr = _mma_layout(HEAD_DIM)
-    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
-    col_layout: gl.constexpr = gl.SliceLayout(0, st_layout)
-    vec_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-    tile_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, HEAD_DIM], dtype)
-    ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, BLOCK], dtype)
-    stage_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, 64], gl.float32)
-
-    tile, kv_bh, first_bh, text_key, image_key, extra_row0, ky0, kx0 = _key_program(
-        n_text_blocks, n_image_tiles, n_extra_blocks, n_heads, heads, group, tiles_x)
-
-    # 104 KB at D = 128 (two programs per SM): K, V; Q and dO of one query block (one slot: the next
-    # block loads while dQ's products and reduce run); dS^T; dQ in fp32, in 64-column parts.
-    k_smem = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], tile_layout)
-    v_smem = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], tile_layout)
-    q_ring = gl.allocate_shared_memory(dtype, [1, BLOCK, HEAD_DIM], tile_layout)
-    do_ring = gl.allocate_shared_memory(dtype, [1, BLOCK, HEAD_DIM], tile_layout)
-    q_smem = q_ring.index(0)
-    do_smem = do_ring.index(0)
-    ds_smem = gl.allocate_shared_memory(dtype, [BLOCK, BLOCK], ds_layout)
-    stage = gl.allocate_shared_memory(gl.float32, [HEAD_DIM // 64, BLOCK, 64], stage_layout)
-    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    bars = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(kv_bar, count=1)
-    mbarrier.init(bars.index(0), count=1)
-    ky1, kx1, y0, x0, x_end, first_row, first_end, n_first, per_head, n_blocks, ky, kx, col_offs = _start_key_program(
-        k_txt, v_txt, k_img, v_img, k_ext, v_ext, k_smem, v_smem, kv_bar, kv_bh, tile, text_key, image_key, extra_row0,
-        ky0, kx0, n_text, n_tokens, grid_h, grid_w, group, reach_y, reach_x, max_d2, st_layout, CIRCLE)
-    # One slot: block j+1 is loaded once block j's dK and dV products have completed. Cursor c gives
-    # the image tile of each load and of the next block's statistics; cur is block j's (its mask and
-    # dQ's reduce).
-    cy, cx, c_end = y0, x0, x_end
-    _issue_query_block(q_seq, do_seq, q_img, do_img, q_ring, do_ring, bars, 0, first_bh, 0, n_first, first_row, cy, cx)
-    lse_next, delta_next = _row_stats(Lse, Delta, first_bh, n_tokens, n_text, grid_h, grid_w, 0, n_first, first_row,
-                                      first_end, cy, cx, True, vec_layout)
-    cur_y, cur_x = cy, cx
-    cy, cx, c_end = _advance_query(0, per_head, n_first, y0, x0, x_end, cy, cx, c_end, ky0, ky1, kx0, kx1, grid_h,
-                                   grid_w, reach_x, max_d2, CIRCLE)
-
-    zeros_st = gl.zeros([BLOCK, BLOCK], gl.float32, st_layout)
-    dk = gl.zeros([BLOCK, HEAD_DIM], gl.float32, acc_layout)
-    dv = gl.zeros([BLOCK, HEAD_DIM], gl.float32, acc_layout)
-    mbarrier.wait(kv_bar, 0)
-    for j in range(n_blocks):
-        g = j // per_head
-        jj = j - g * per_head
-        mbarrier.wait(bars.index(0), j & 1)
-        s_tok = warpgroup_mma(k_smem, q_smem.permute((1, 0)), zeros_st, use_acc=False, is_async=True)
-        dp_tok = warpgroup_mma(v_smem, do_smem.permute((1, 0)), zeros_st, use_acc=False, is_async=True)
-        lse2 = gl.convert_layout(lse_next, col_layout)
-        delta = gl.convert_layout(delta_next, col_layout)
-        lse_next, delta_next = _row_stats(Lse, Delta, first_bh + (j + 1) // per_head, n_tokens, n_text, grid_h,
-                                          grid_w, (j + 1) % per_head, n_first, first_row, first_end, cy, cx,
-                                          j + 1 < n_blocks, vec_layout)
-        s = warpgroup_mma_wait(1, deps=[s_tok])
-        # p capped at 1, which no admitted key's p exceeds but by rounding: keys past the grid, n_text
-        # or n_extra load as zero rows of K, and where every score of a query row is very negative
-        # their p = exp2(-lse) overflows; capped, their dS K is 0 instead of inf * 0 = NaN (their
-        # dK and dV are not stored)
-        p = gl.minimum(gl.exp2(s * qk_scale - lse2[None, :]), 1.0)
-        if jj >= n_first:  # an image query tile
-            p = _mask_transposed(p, cur_y, cur_x, ky0, kx0, ky1, kx1, ky, kx, col_offs, reach_y, reach_x, max_d2,
-                                 CIRCLE)
-        p_op = gl.convert_layout(p.to(dtype), op_layout)
-        dv_tok = warpgroup_mma(p_op, do_smem, dv, is_async=True)
-        dp = warpgroup_mma_wait(1, deps=[dp_tok])
-        ds = (p * (dp - delta[None, :])).to(dtype)  # dS^T, [keys, queries]
-        ds_smem.store(ds)  # for dQ's products below (the previous block's have completed)
-        ds_op = gl.convert_layout(ds, op_layout)
-        dk_tok = warpgroup_mma(ds_op, q_smem, dk, is_async=True)
-        fence_async_shared()
-        dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, p_op, ds_op])
-        if j + 1 < n_blocks:
-            _issue_query_block(q_seq, do_seq, q_img, do_img, q_ring, do_ring, bars, 0, first_bh + (j + 1) // per_head,
-                               (j + 1) % per_head, n_first, first_row, cy, cx)
-        # dQ's part dS K [queries, D], 64 columns at a time (32 registers), dS read transposed from
-        # shared memory, staged once the previous block's reduces have read the staging buffer
-        tma.store_wait(0)
-        for half in gl.static_range(HEAD_DIM // 64):
-            dq_tok = warpgroup_mma(ds_smem.permute((1, 0)), k_smem.slice(half * 64, 64, dim=1),
-                                   gl.zeros([BLOCK, 64], gl.float32, st_layout), use_acc=False, is_async=True)
-            dq = warpgroup_mma_wait(0, deps=[dq_tok])
-            stage.index(half).store(dq * scale)
-        fence_async_shared()
-        _reduce_query_block(dq_seq, dq_img, stage, first_bh + g, jj < n_first, first_row + jj * BLOCK, cur_y, cur_x,
-                            HEAD_DIM)
-        cur_y, cur_x = cy, cx
-        cy, cx, c_end = _advance_query(j + 1, per_head, n_first, y0, x0, x_end, cy, cx, c_end, ky0, ky1, kx0, kx1,
-                                       grid_h, grid_w, reach_x, max_d2, CIRCLE)
-
-    mbarrier.invalidate(kv_bar)
-    mbarrier.invalidate(bars.index(0))
-    _store_key_grads(dk * scale, dv, dk_txt, dv_txt, dk_img, dv_img, dk_ext, dv_ext, k_smem, v_smem, kv_bh, tile,
-                     text_key, image_key, extra_row0, ky0, kx0)
+    k_smem.store((dk * scale).to(dtype))  # K and V are no longer read: their buffers stage dK and dV
+    v_smem.store(dv.to(dtype))
+    fence_async_shared()
+    if text_key:  # stores clipped at n_text, at the grid and at n_extra
+        tma.async_copy_shared_to_global(dk_txt, [kv_bh, tile * BLOCK, 0], k_smem.reshape([1, BLOCK, HEAD_DIM]))
+        tma.async_copy_shared_to_global(dv_txt, [kv_bh, tile * BLOCK, 0], v_smem.reshape([1, BLOCK, HEAD_DIM]))
+    elif image_key:
+        tma.async_copy_shared_to_global(dk_img, [kv_bh, ky0, kx0, 0], k_smem.reshape([1, 8, 8, HEAD_DIM]))
+        tma.async_copy_shared_to_global(dv_img, [kv_bh, ky0, kx0, 0], v_smem.reshape([1, 8, 8, HEAD_DIM]))
+    else:
+        if dk_ext is not None:
+            tma.async_copy_shared_to_global(dk_ext, [kv_bh, extra_row0, 0], k_smem.reshape([1, BLOCK, HEAD_DIM]))
+            tma.async_copy_shared_to_global(dv_ext, [kv_bh, extra_row0, 0], v_smem.reshape([1, BLOCK, HEAD_DIM]))
+    tma.store_wait(0)
 
 
 # ---------------------------------------------------------------------------------------------

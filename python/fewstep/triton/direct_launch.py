@@ -54,7 +54,7 @@ def _block_layout(block: tuple, dtype: torch.dtype):
     """The swizzled shared-memory layout of a descriptor's blocks (cached: building it costs more
     host time than the descriptor itself)."""
     from triton.experimental.gluon import language as gl
-    element = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16, torch.float32: gl.float32}[dtype]
+    element = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[dtype]
     return gl.NVMMASharedLayout.get_default_for(list(block), element)
 
 

@@ -148,24 +148,23 @@ def _descriptor(t: torch.Tensor, offset: int, shape: list, strides: list, block:
     return TensorDescriptor(t.view(-1)[offset:], shape, strides, block)
 
 
-def _sequence(t: torch.Tensor, rows: int, block: int, gluon: bool = False, columns: Optional[int] = None):
+def _sequence(t: torch.Tensor, rows: int, block: int, gluon: bool = False):
     """Descriptor of rows 0..rows of a contiguous [B, heads, n, D] tensor as [B*heads, rows, D],
-    read and written in [1, block, columns] blocks (default block_head_dim(D); zeros past ``rows``
-    and past D, stores clipped there)."""
+    read and written in [1, block, block_head_dim(D)] blocks (zeros past ``rows`` and past D, stores
+    clipped there)."""
     batch, heads, n, head_dim = t.shape
     return _descriptor(t, 0, [batch * heads, max(rows, 1), head_dim], [n * head_dim, head_dim, 1],
-                       [1, block, columns or block_head_dim(head_dim)], gluon)
+                       [1, block, block_head_dim(head_dim)], gluon)
 
 
-def _image(t: torch.Tensor, n_text: int, grid_h: int, grid_w: int, rows: int, cols: int, gluon: bool = False,
-           columns: Optional[int] = None):
+def _image(t: torch.Tensor, n_text: int, grid_h: int, grid_w: int, rows: int, cols: int, gluon: bool = False):
     """Descriptor of the image tokens of a contiguous [B, heads, N, D] tensor as
-    [B*heads, grid_h, grid_w, D], in [1, rows, cols, columns] tiles (default block_head_dim(D);
-    zeros outside the grid and past D, stores clipped there)."""
+    [B*heads, grid_h, grid_w, D], in [1, rows, cols, block_head_dim(D)] tiles (zeros outside the
+    grid and past D, stores clipped there)."""
     batch, heads, n, head_dim = t.shape
     return _descriptor(t, n_text * head_dim, [batch * heads, grid_h, grid_w, head_dim],
-                       [n * head_dim, grid_w * head_dim, head_dim, 1],
-                       [1, rows, cols, columns or block_head_dim(head_dim)], gluon)
+                       [n * head_dim, grid_w * head_dim, head_dim, 1], [1, rows, cols, block_head_dim(head_dim)],
+                       gluon)
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_k: Optional[torch.Tensor],
@@ -263,29 +262,16 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     check_triton_args(q)
     check_backward_args(grad_out, q, k, v, extra_k, extra_v, out, lse, grid_h, grid_w, n_text, radius, window_h,
                         window_w, scale)
-    gluon = gluon_supported(q)
-    return launch_backward(gluon, grad_out, q, k, v, extra_k, extra_v, out, lse, grid_h, grid_w, n_text, radius,
-                           window_h, window_w, scale, fused=fused_backward_supported(q) and
-                           not torch.are_deterministic_algorithms_enabled())
-
-
-def fused_backward_supported(q: torch.Tensor) -> bool:
-    """Whether the fused Gluon backward (dK/dV and dQ in one kernel) runs ``q``: where the Gluon
-    kernels run, at head dims 65-128."""
-    return gluon_supported(q) and block_head_dim(q.shape[3]) == 128
+    return launch_backward(gluon_supported(q), grad_out, q, k, v, extra_k, extra_v, out, lse, grid_h, grid_w, n_text,
+                           radius, window_h, window_w, scale)
 
 
 def launch_backward(gluon: bool, grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     extra_k: Optional[torch.Tensor], extra_v: Optional[torch.Tensor], out: torch.Tensor,
                     lse: torch.Tensor, grid_h: int, grid_w: int, n_text: int, radius: float, window_h: int,
-                    window_w: int, scale: float, fused: bool = False):
+                    window_w: int, scale: float):
     """Launches the backward kernels on checked arguments: delta, then dK/dV and dQ through the Gluon
-    kernels when ``gluon``, the Triton ones otherwise. ``fused`` (Gluon only): dK/dV and dQ in one
-    kernel that adds dQ's parts into an fp32 buffer by TMA reduce-add, so dQ's summation order
-    varies between runs; otherwise every gradient element is written once (deterministic)."""
-    if fused and not (gluon and block_head_dim(q.shape[3]) == 128):
-        raise ValueError(f"fused: the fused backward is a Gluon kernel for head dims 65-128, got gluon={gluon} and "
-                         f"head dim {q.shape[3]}")
+    kernels when ``gluon``, the Triton ones otherwise."""
     triton, _, delta_kernel, kv_grad_kernel, q_grad_kernel = _kernels()
     if gluon:
         from fewstep.triton._local_window_attention_gluon import kv_grad_kernel_sm90 as kv_grad_kernel
@@ -295,9 +281,7 @@ def launch_backward(gluon: bool, grad_out: torch.Tensor, q: torch.Tensor, k: tor
     batch, heads, n_tokens, head_dim = q.shape
     kv_heads = k.shape[1]
     group = heads // kv_heads
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    # fused: dQ's parts are added (already scaled) into zeros, in fp32
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if fused else torch.empty_like(q)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     pattern = _pattern(grid_h, grid_w, radius, window_h, window_w)
     block_d = block_head_dim(head_dim)
     tiles, q_tiles = (GLUON_TILES, GLUON_TILES) if gluon else kernel_tiles(block_d, q.dtype)[1:]
@@ -335,14 +319,8 @@ def launch_backward(gluon: bool, grad_out: torch.Tensor, q: torch.Tensor, k: tor
                 _image(dv, **key_tile), extras[2], extras[3], lse, delta, heads, group, n_tokens, n_text, grid_h,
                 grid_w, n_extra, key_tiles_x, n_text_key_blocks, n_image_key_tiles, n_extra_key_blocks,
                 batch * kv_heads, pattern.reach_y, pattern.reach_x, pattern.max_d2, scale * LOG2E, scale)
-        key_programs = (n_text_key_blocks + n_image_key_tiles + n_extra_key_blocks) * batch * kv_heads
-        if fused:
-            from fewstep.triton._local_window_attention_gluon import kv_q_grad_kernel_sm90
-            dq_args = (_sequence(dq, n_tokens, block_m, gluon, columns=32), _image(dq, **query_tile, columns=32))
-            _launch(kv_q_grad_kernel_sm90, key_programs, args[:16] + dq_args + args[16:], gluon, tiles, block_d,
-                    pattern.circle, q.dtype)
-            return dq.to(q.dtype), dk, dv, dextra_k, dextra_v
-        _launch(kv_grad_kernel, key_programs, args, gluon, tiles, block_d, pattern.circle, q.dtype)
+        _launch(kv_grad_kernel, (n_text_key_blocks + n_image_key_tiles + n_extra_key_blocks) * batch * kv_heads, args,
+                gluon, tiles, block_d, pattern.circle, q.dtype)
         block_m, block_n = q_tiles.ty * q_tiles.tx, q_tiles.ky * q_tiles.kx
         key_tile = dict(n_text=n_text, grid_h=grid_h, grid_w=grid_w, rows=q_tiles.ky, cols=q_tiles.kx, gluon=gluon)
         query_tile = dict(n_text=n_text, grid_h=grid_h, grid_w=grid_w, rows=q_tiles.ty, cols=q_tiles.tx, gluon=gluon)
