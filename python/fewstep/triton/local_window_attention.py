@@ -132,37 +132,6 @@ def _device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-@functools.cache
-def _side_stream(device_index: int) -> torch.cuda.Stream:
-    return torch.cuda.Stream(device_index)
-
-
-class _SideLaunch:
-    """Launches that run beside the ones queued after ``fork()`` on ``t``'s current stream: they wait
-    only for the work queued before ``fork()``, and the current stream waits for them at ``join()``,
-    so whatever the caller queues afterwards sees their results. (CPU tensors, the interpreter: one
-    stream, nothing to do.)"""
-
-    def __init__(self, t: torch.Tensor):
-        self.main = torch.cuda.current_stream(t.device) if t.is_cuda else None
-        self.forked = torch.cuda.Event() if t.is_cuda else None
-
-    def fork(self) -> None:
-        if self.main is not None:
-            self.forked.record(self.main)
-
-    @contextlib.contextmanager
-    def side(self):
-        if self.main is None:
-            yield
-            return
-        side = _side_stream(self.main.device.index)
-        side.wait_event(self.forked)
-        with torch.cuda.stream(side):
-            yield
-        self.main.wait_stream(side)
-
-
 def _tma_ready(t: torch.Tensor) -> torch.Tensor:
     """``t`` contiguous and 16-byte aligned, as TMA descriptors need (a contiguous view that starts
     at an odd element, e.g. ``x[1:]``, is copied)."""
@@ -302,8 +271,7 @@ def launch_backward(gluon: bool, grad_out: torch.Tensor, q: torch.Tensor, k: tor
                     lse: torch.Tensor, grid_h: int, grid_w: int, n_text: int, radius: float, window_h: int,
                     window_w: int, scale: float):
     """Launches the backward kernels on checked arguments: delta, then dK/dV and dQ through the Gluon
-    kernels when ``gluon``, the Triton ones otherwise. dK/dV and dQ depend only on delta, so dQ runs on
-    a side stream beside dK/dV: its programs fill the SMs that dK/dV's last wave leaves idle."""
+    kernels when ``gluon``, the Triton ones otherwise."""
     triton, _, delta_kernel, kv_grad_kernel, q_grad_kernel = _kernels()
     if gluon:
         from fewstep.triton._local_window_attention_gluon import kv_grad_kernel_sm90 as kv_grad_kernel
@@ -332,7 +300,6 @@ def launch_backward(gluon: bool, grad_out: torch.Tensor, q: torch.Tensor, k: tor
         n_extra = 0
         extras = [None] * 4  # compiled out
     with _device_guard(q):
-        concurrent = _SideLaunch(q)
         delta_args = (out, grad_out, delta, n_rows, head_dim)
         delta_constexprs = dict(HEAD_DIM=block_d, BLOCK=delta_block, PADDED=block_d != head_dim)
         if gluon:  # on Hopper with the Gluon kernels: the direct launch path too
@@ -352,7 +319,6 @@ def launch_backward(gluon: bool, grad_out: torch.Tensor, q: torch.Tensor, k: tor
                 _image(dv, **key_tile), extras[2], extras[3], lse, delta, heads, group, n_tokens, n_text, grid_h,
                 grid_w, n_extra, key_tiles_x, n_text_key_blocks, n_image_key_tiles, n_extra_key_blocks,
                 batch * kv_heads, pattern.reach_y, pattern.reach_x, pattern.max_d2, scale * LOG2E, scale)
-        concurrent.fork()  # dK/dV first, so that its long text-key programs start first
         _launch(kv_grad_kernel, (n_text_key_blocks + n_image_key_tiles + n_extra_key_blocks) * batch * kv_heads, args,
                 gluon, tiles, block_d, pattern.circle, q.dtype)
         block_m, block_n = q_tiles.ty * q_tiles.tx, q_tiles.ky * q_tiles.kx
@@ -369,9 +335,8 @@ def launch_backward(gluon: bool, grad_out: torch.Tensor, q: torch.Tensor, k: tor
                 _sequence(dq, n_text, block_m, gluon), _image(dq, **query_tile), lse, delta, heads, group, n_tokens,
                 n_text, grid_h, grid_w, n_extra, q_tiles_x, n_text_query_blocks, n_image_query_tiles, batch * heads,
                 pattern.reach_y, pattern.reach_x, pattern.max_d2, scale * LOG2E, scale)
-        with concurrent.side():
-            _launch(q_grad_kernel, (n_text_query_blocks + n_image_query_tiles) * batch * heads, args, gluon,
-                    q_tiles, block_d, pattern.circle, q.dtype)
+        _launch(q_grad_kernel, (n_text_query_blocks + n_image_query_tiles) * batch * heads, args, gluon, q_tiles,
+                block_d, pattern.circle, q.dtype)
     return dq, dk, dv, dextra_k, dextra_v
 
 
