@@ -18,58 +18,14 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <new>
 #include <vector>
 
 #include "fewstep/checks.h"
 #include "local_window_attention/local_window_attention.h"
 
-// BLAS's matrix products (column-major, Fortran calling convention), from the BLAS that PyTorch's
-// library exports where it has one (MKL in the x86 wheels). Weak, so that the extension loads
-// without one: then the forward runs its vector kernel.
-extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
-            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-            const int* ldc) __attribute__((weak));
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
-            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
-            const int* ldc) __attribute__((weak));
-}
-
 namespace fewstep {
 namespace local_window_attention {
 namespace {
-
-// C = alpha * op(A) * op(B) + beta * C in BLAS's column-major convention. Sizes fit int
-// (blas_fits).
-void blas_gemm(char transa, char transb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-               const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  const int m_ = static_cast<int>(m), n_ = static_cast<int>(n), k_ = static_cast<int>(k);
-  const int lda_ = static_cast<int>(lda), ldb_ = static_cast<int>(ldb), ldc_ = static_cast<int>(ldc);
-  sgemm_(&transa, &transb, &m_, &n_, &k_, &alpha, a, &lda_, b, &ldb_, &beta, c, &ldc_);
-}
-
-void blas_gemm(char transa, char transb, int64_t m, int64_t n, int64_t k, double alpha, const double* a,
-               int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
-  const int m_ = static_cast<int>(m), n_ = static_cast<int>(n), k_ = static_cast<int>(k);
-  const int lda_ = static_cast<int>(lda), ldb_ = static_cast<int>(ldb), ldc_ = static_cast<int>(ldc);
-  dgemm_(&transa, &transb, &m_, &n_, &k_, &alpha, a, &lda_, b, &ldb_, &beta, c, &ldc_);
-}
-
-// FEWSTEP_CPU_BLAS=0 forces the vector kernel (its tests run where BLAS is present too).
-bool use_blas() {
-  static const bool use = [] {
-    const char* blas = std::getenv("FEWSTEP_CPU_BLAS");
-    return !(blas && std::strcmp(blas, "0") == 0) && sgemm_ != nullptr && dgemm_ != nullptr;
-  }();
-  return use;
-}
-
-// BLAS takes int sizes and leading dimensions: at most N + E columns and D.
-bool blas_fits(const Params& p) {
-  constexpr int64_t kMax = std::numeric_limits<int>::max();
-  return p.seq_len + p.n_extra <= kMax && p.head_dim <= kMax;
-}
 
 // The kernels twice: for AVX2 + FMA, chosen at run time when the CPU has them, and for the
 // compiler's baseline, so that the extension needs no special build flags. FEWSTEP_CPU_ISA=baseline
@@ -103,9 +59,8 @@ bool use_avx2() {
 template <typename T>
 void run_forward(const Params& p) {
 #if FEWSTEP_LWA_HAVE_AVX2
-  if (use_avx2()) return use_blas() && blas_fits(p) ? avx2::forward_blas<T>(p) : avx2::forward<T>(p);
+  if (use_avx2()) return avx2::forward<T>(p);
 #endif
-  if (use_blas() && blas_fits(p)) return baseline::forward_blas<T>(p);
   baseline::forward<T>(p);
 }
 

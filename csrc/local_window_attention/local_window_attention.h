@@ -71,23 +71,18 @@ inline std::vector<int64_t> row_half_widths(const Params& p) {
   return half_width;
 }
 
-constexpr int kBlock = 4;  // rows (queries, or keys in the dK/dV pass) the vector kernels handle together
-// Query rows per block of the forward when BLAS computes its products: a matrix product of 16 rows
-// against a segment's keys runs at ~64 GFLOP/s on one core of the CI machine (MKL), ~3x the vector
-// kernel, while a grid row's block still computes few keys its rows do not attend.
-constexpr int kBlasBlock = 16;
-constexpr int kMaxBlock = kBlasBlock;
+constexpr int kBlock = 4;  // rows (queries, or keys in the dK/dV pass) the CPU kernels handle together
 
-// Up to `rows` (kBlock or kBlasBlock) consecutive rows of one kind: text tokens, image tokens of
-// one grid row, or extra tokens (rows >= N; keys only).
+// Up to kBlock consecutive rows of one kind: text tokens, image tokens of one grid row, or extra
+// tokens (rows >= N; keys only).
 struct RowBlock {
   int64_t first, count;
 };
 
-inline std::vector<RowBlock> row_blocks(const Params& p, bool with_extra, int rows = kBlock) {
+inline std::vector<RowBlock> row_blocks(const Params& p, bool with_extra) {
   std::vector<RowBlock> blocks;
   auto split = [&](int64_t first, int64_t last) {
-    for (int64_t r = first; r < last; r += rows) blocks.push_back({r, std::min<int64_t>(rows, last - r)});
+    for (int64_t r = first; r < last; r += kBlock) blocks.push_back({r, std::min<int64_t>(kBlock, last - r)});
   };
   split(0, p.n_text);
   for (int64_t y = 0; y < p.grid_h; ++y) split(p.n_text + y * p.grid_w, p.n_text + (y + 1) * p.grid_w);
@@ -101,7 +96,7 @@ inline std::vector<RowBlock> row_blocks(const Params& p, bool with_extra, int ro
 struct Segment {
   int64_t first, count;
   bool extra;
-  int64_t lo[kMaxBlock], hi[kMaxBlock];
+  int64_t lo[kBlock], hi[kBlock];
 };
 
 // The segments of a block, in a fixed order. With `query_rows` the rows are queries and the
