@@ -20,6 +20,11 @@ PYBIND11_MODULE(_C, m) {
     info["cuda_archs"] = FEWSTEP_CUDA_ARCHS;
     info["compiler"] = FEWSTEP_COMPILER;
     info["cxx11_abi"] = static_cast<bool>(_GLIBCXX_USE_CXX11_ABI);
+#ifdef _OPENMP
+    info["openmp"] = true;  // the CPU kernels' at::parallel_for loops run on torch's threads
+#else
+    info["openmp"] = false;
+#endif
     return info;
-  }, "How this extension was built: torch version, CUDA on/off and version, archs, compiler.");
+  }, "How this extension was built: torch version, CUDA on/off and version, archs, compiler, OpenMP.");
 }

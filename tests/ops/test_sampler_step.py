@@ -227,6 +227,8 @@ def test_build_info():
     assert info["torch"].split("+")[0] == torch.__version__.split("+")[0]
     assert isinstance(info["cuda"], bool) and "compiler" in info
     assert info["cuda"] == bool(info["cuda_archs"])
+    # at::parallel_for runs the CPU kernels on torch's threads only when compiled with OpenMP
+    assert info["openmp"] == ("ATen parallel backend: OpenMP" in torch.__config__.parallel_info())
 
 
 # ---- gradients ----------------------------------------------------------------------------------
