@@ -1,11 +1,13 @@
 // Local-window (CLEAR) attention: op schemas, argument checks and the CPU kernels.
 //
 // Forward, per block of queries: scores of the admitted keys (rows and spans, never all N), then
-// softmax and the weighted sum of values; lse = max + log(sum). Backward: a query pass recomputes
-// the probabilities as the forward made them and writes dQ, delta = rowsum(dO * O) and each row's
-// max and sum; then a key pass writes dK and dV, each key summing over the queries that attend it
-// in a fixed order (no atomics, no partial buffers), so results do not depend on the thread
-// count. Kernels: local_window_attention_cpu.inc.
+// softmax and the weighted sum of values; lse = max + log(sum). Backward: each block of queries
+// recomputes the probabilities as the forward made them and writes dQ, delta = rowsum(dO * O) and
+// each row's max and sum. With at least kOnePassTasks (batch, kv head) pairs, one task per pair
+// also adds each block's share into its dK and dV as it goes; otherwise the query blocks run in
+// parallel and a key pass then writes dK and dV, each key summing over the queries that attend it.
+// Either way every sum runs in a fixed order (no atomics, no partial buffers), so results do not
+// depend on the thread count. Kernels: local_window_attention_cpu.inc.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -26,6 +28,12 @@
 namespace fewstep {
 namespace local_window_attention {
 namespace {
+
+// The CPU backward's form (`backward` in local_window_attention_cpu.inc) is chosen by shape alone,
+// so that results do not depend on the thread count: one pass, one task per (batch, kv head), when
+// there are at least kOnePassTasks of them; two passes over blocks otherwise.
+constexpr int64_t kOnePassTasks = 8;
+bool backward_in_one_pass(const Params& p) { return p.batch * p.kv_heads >= kOnePassTasks; }
 
 // The kernels twice: for AVX2 + FMA, chosen at run time when the CPU has them, and for the
 // compiler's baseline, so that the extension needs no special build flags. FEWSTEP_CPU_ISA=baseline

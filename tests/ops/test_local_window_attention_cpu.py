@@ -31,6 +31,11 @@ CASES = [
     Case(1, 6, 2, 12, (6, 1), 0, 2, radius=2.5, noncontiguous=True),  # one column
     # large logits (scale 1, D = 32: lse ~ 20), where an fp32 lse would cost ~1e-6 in every probability
     Case(1, 2, 1, 32, (16, 12), 20, 4, radius=5.5, scale=1.0),
+    # batch * kv_heads >= 8: the backward in one pass (dK/dV added by each query block)
+    Case(1, 8, 8, 8, (5, 7), 0, 0, radius=1),
+    Case(2, 8, 4, 9, (5, 7), 3, 2, radius=1.5, noncontiguous=True),
+    Case(4, 2, 2, 16, (9, 4), 5, 0, window=(1, 2), scale=0.3),
+    Case(8, 2, 1, 32, (16, 12), 20, 4, radius=5.5, scale=1.0),
 ]
 
 
@@ -163,10 +168,11 @@ def test_radius_large_is_full_attention_and_text_rows_ignore_the_window():
     assert not torch.allclose(out_local[:, :, 5:], full[:, :, 5:])
 
 
-def test_backward_is_deterministic_across_thread_counts():
-    c = Case(2, 4, 2, 16, (11, 9), 7, 3, radius=3.5)
+@pytest.mark.parametrize("c", [Case(2, 4, 2, 16, (11, 9), 7, 3, radius=3.5), Case(2, 8, 4, 16, (11, 9), 7, 3, radius=3.5)],
+                         ids=["two-pass", "one-pass"])
+def test_backward_is_deterministic_across_thread_counts(c):
     t = make_inputs(c, torch.float32, seed=8)
-    grad_out = make_tensor((2, 4, c.seq_len, 16), torch.float32, torch.Generator().manual_seed(9), False)
+    grad_out = make_tensor((c.batch, c.heads, c.seq_len, 16), torch.float32, torch.Generator().manual_seed(9), False)
     threads = torch.get_num_threads()
     results = []
     try:
