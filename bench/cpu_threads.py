@@ -1,5 +1,6 @@
 """Wall time of fewstep's CPU kernels at one thread and at torch's thread count (median of 7 runs
-after a warm-up), to see that at::parallel_for spreads them over the threads (build_info()["openmp"]).
+after a warm-up), to see that at::parallel_for spreads them over the threads (build_info()["openmp"]),
+beside the PyTorch op a CPU user would otherwise call where there is one.
 Run: ``python bench/cpu_threads.py OUT.json`` with the extension installed."""
 import json
 import sys
@@ -28,6 +29,11 @@ def cases() -> dict:
     for p in model:
         p.grad = torch.randn(p.shape, generator=gen)
     opt = fewstep.optim.FusedAdamW(model, lr=1e-3)
+    torch_model = [torch.nn.Parameter(p.detach().clone()) for p in model]
+    for p, q in zip(torch_model, model):
+        p.grad = q.grad.clone()
+    torch_opt = torch.optim.AdamW(torch_model, lr=1e-3, fused=True)
+    torch_ema = [p.clone() for p in params]
     x, x0_real, x0_fake = (torch.randn(16, 4, 64, 64, generator=gen) for _ in range(3))
     grid, n_text, heads, head_dim = (32, 32), 77, 8, 64
     q, k, v = (torch.randn(1, heads, n_text + grid[0] * grid[1], head_dim, generator=gen).requires_grad_()
@@ -44,7 +50,9 @@ def cases() -> dict:
 
     return {
         "ema_update_, 16 x 1M fp32": lambda: fewstep.ema_update_(ema, params, 0.999),
+        "torch._foreach_lerp_ (the EMA's baseline)": lambda: torch._foreach_lerp_(torch_ema, params, 0.001),
         "FusedAdamW.step, 16 x 1M fp32": opt.step,
+        "torch.optim.AdamW(fused=True).step (baseline)": torch_opt.step,
         "losses.dmd fwd+bwd, 16x4x64x64": dmd_forward_backward,
         "local_window_attention fwd, 32x32+77, 8x64, r=16": lambda: attention(False),
         "local_window_attention fwd+bwd, 32x32+77, 8x64, r=16": lambda: attention(True),
