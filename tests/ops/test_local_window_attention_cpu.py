@@ -168,8 +168,8 @@ def test_radius_large_is_full_attention_and_text_rows_ignore_the_window():
     assert not torch.allclose(out_local[:, :, 5:], full[:, :, 5:])
 
 
-@pytest.mark.parametrize("c", [Case(2, 4, 2, 16, (11, 9), 7, 3, radius=3.5), Case(2, 8, 4, 16, (11, 9), 7, 3, radius=3.5)],
-                         ids=["two-pass", "one-pass"])
+@pytest.mark.parametrize("c", [Case(2, 4, 2, 16, (11, 9), 7, 3, radius=3.5),
+                               Case(2, 8, 4, 16, (11, 9), 7, 3, radius=3.5)], ids=["two-pass", "one-pass"])
 def test_backward_is_deterministic_across_thread_counts(c):
     t = make_inputs(c, torch.float32, seed=8)
     grad_out = make_tensor((c.batch, c.heads, c.seq_len, 16), torch.float32, torch.Generator().manual_seed(9), False)
