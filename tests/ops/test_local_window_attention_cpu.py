@@ -157,6 +157,20 @@ def test_half_inputs_computed_in_float32(dtype):
         assert g.dtype == dtype and torch.equal(g, g32.to(dtype))
 
 
+@pytest.mark.parametrize("c", [Case(1, 2, 2, 16, (5, 13), 0, 0, radius=1), Case(1, 2, 2, 9, (5, 13), 0, 0, radius=1),
+                               Case(2, 8, 4, 16, (5, 13), 0, 0, radius=1)], ids=["two-pass", "odd-d", "one-pass"])
+def test_a_query_that_attends_only_itself_has_exactly_zero_dq_and_dk(c):
+    """P = 1 and out = v exactly, so dS = P (dO . v - dO . out) must be exactly 0: the kernels sum
+    the score gradient and delta in the same order (the vector reductions of the scores included)."""
+    t = make_inputs(c, torch.float32, seed=11)
+    out, lse = run_forward(c, t)
+    assert torch.equal(out, t["v"].repeat_interleave(c.heads // c.kv_heads, dim=1))
+    grad_out = make_tensor(out.shape, torch.float32, torch.Generator().manual_seed(12), False)
+    dq, dk, dv, _, _ = run_backward(c, t, grad_out, out, lse)
+    assert torch.equal(dq, torch.zeros_like(dq)) and torch.equal(dk, torch.zeros_like(dk))
+    torch.testing.assert_close(dv, grad_out.unflatten(1, (c.kv_heads, -1)).sum(2), rtol=0, atol=0)
+
+
 def test_radius_large_is_full_attention_and_text_rows_ignore_the_window():
     c = Case(1, 2, 2, 8, (6, 7), 5, 0, radius=1.5)
     t = make_inputs(c, torch.float64, seed=7)
