@@ -2,12 +2,10 @@
 //
 // Forward, per block of queries: scores of the admitted keys (rows and spans, never all N), then
 // softmax and the weighted sum of values; lse = max + log(sum). Backward: each block of queries
-// recomputes the probabilities as the forward made them and writes dQ, delta = rowsum(dO * O) and
-// each row's max and sum. With at least kOnePassTasks (batch, kv head) pairs, one task per pair
-// also adds each block's share into its dK and dV as it goes; otherwise the query blocks run in
-// parallel and a key pass then writes dK and dV, each key summing over the queries that attend it.
-// Either way every sum runs in a fixed order (no atomics, no partial buffers), so results do not
-// depend on the thread count. Kernels: local_window_attention_cpu.inc.
+// recomputes the probabilities as the forward made them, writes dQ and adds its share into dK and
+// dV; the blocks of a kv head run in a few chunks with a part of dK and dV each, summed at the
+// end. Every sum runs in a fixed order (no atomics; the chunks depend on the shape alone), so
+// results do not depend on the thread count. Kernels: local_window_attention_cpu.inc.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -29,11 +27,15 @@ namespace fewstep {
 namespace local_window_attention {
 namespace {
 
-// The CPU backward's form (`backward` in local_window_attention_cpu.inc) is chosen by shape alone,
-// so that results do not depend on the thread count: one pass, one task per (batch, kv head), when
-// there are at least kOnePassTasks of them; two passes over blocks otherwise.
-constexpr int64_t kOnePassTasks = 8;
-bool backward_in_one_pass(const Params& p) { return p.batch * p.kv_heads >= kOnePassTasks; }
+// The CPU backward (`backward` in local_window_attention_cpu.inc) runs one task per (batch, kv
+// head, chunk of query blocks): enough chunks for kBackwardTasks tasks, each costing a part of
+// dK and dV of the kv head's size. Chosen by shape alone, so that results do not depend on the
+// thread count.
+constexpr int64_t kBackwardTasks = 8;
+int64_t backward_chunks(int64_t batch, int64_t kv_heads, int64_t heads, int64_t query_blocks) {
+  const int64_t chunks = (kBackwardTasks + batch * kv_heads - 1) / (batch * kv_heads);
+  return std::max<int64_t>(1, std::min(chunks, heads / kv_heads * query_blocks));
+}
 
 // The kernels twice: for AVX2 + FMA, chosen at run time when the CPU has them, and for the
 // compiler's baseline, so that the extension needs no special build flags. FEWSTEP_CPU_ISA=baseline
@@ -101,7 +103,7 @@ at::ScalarType compute_type(const at::Tensor& q) { return q.scalar_type() == at:
 
 struct Prepared {
   Params params;
-  at::Tensor q, k, v, extra_k, extra_v, out, lse, grad_out, dq, dk, dv, dextra_k, dextra_v, delta, row_max, row_inv_sum;
+  at::Tensor q, k, v, extra_k, extra_v, out, lse, grad_out, dq, dk, dv, dextra_k, dextra_v, dk_parts, dv_parts;
 };
 
 // Checks shared by both directions (the Python mirror, used by the fake, Triton and reference
@@ -226,9 +228,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_win
   s.grad_out = grad_out.to(ct).contiguous();
   s.out = out.to(ct).contiguous();
   // lse is checked but not read: the kernel recomputes each row's max and sum (see the kernel)
-  s.delta = at::empty({q.size(0), q.size(1), q.size(2)}, s.q.options());
-  s.row_max = at::empty_like(s.delta);
-  s.row_inv_sum = at::empty_like(s.delta);
   s.dq = at::empty_like(s.q);
   s.dk = at::empty_like(s.k);
   s.dv = at::empty_like(s.k);
@@ -236,11 +235,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_win
   s.dextra_k = at::empty({k.size(0), k.size(1), n_extra, k.size(3)}, s.k.options());
   s.dextra_v = at::empty({k.size(0), k.size(1), n_extra, k.size(3)}, s.k.options());
   Params& p = s.params;
+  p.backward_chunks = backward_chunks(p.batch, p.kv_heads, p.heads, static_cast<int64_t>(query_blocks(p).size()));
+  s.dk_parts = at::empty({p.batch * p.kv_heads * (p.backward_chunks - 1), p.seq_len + n_extra, p.head_dim},
+                         s.k.options());
+  s.dv_parts = at::empty_like(s.dk_parts);
   p.grad_out = s.grad_out.const_data_ptr();
   p.out = const_cast<void*>(s.out.const_data_ptr());  // read only by the backward
-  p.delta = s.delta.mutable_data_ptr();
-  p.row_max = s.row_max.mutable_data_ptr();
-  p.row_inv_sum = s.row_inv_sum.mutable_data_ptr();
+  p.dk_parts = s.dk_parts.mutable_data_ptr();
+  p.dv_parts = s.dv_parts.mutable_data_ptr();
   p.dq = s.dq.mutable_data_ptr();
   p.dk = s.dk.mutable_data_ptr();
   p.dv = s.dv.mutable_data_ptr();

@@ -21,8 +21,8 @@ namespace fewstep {
 namespace local_window_attention {
 
 // Tensors are contiguous: q, out, grad_out, dq [B, heads, N, D]; k, v, dk, dv [B, kv_heads, N, D];
-// extra_k, extra_v, dextra_k, dextra_v [B, kv_heads, E, D]; lse, delta [B, heads, N]. Pointers a
-// direction does not use are null.
+// extra_k, extra_v, dextra_k, dextra_v [B, kv_heads, E, D]; lse [B, heads, N]; dk_parts, dv_parts
+// [B * kv_heads * (backward_chunks - 1), N + E, D]. Pointers a direction does not use are null.
 struct Params {
   const void* q;
   const void* k;
@@ -37,12 +37,12 @@ struct Params {
   void* dv;
   void* dextra_k;
   void* dextra_v;
-  // backward scratch [B, heads, N], dtype of lse: rowsum(grad_out * out), and each query's score
-  // max and 1 / sum of exp(score - max), written by the query pass for the key pass
-  void* delta;
-  void* row_max;
-  void* row_inv_sum;
-  DType dtype;      // of every tensor but lse/delta (the CPU glue passes fp16/bf16 as fp32)
+  // The CPU backward splits each kv head's query blocks into backward_chunks chunks; chunk 0 adds
+  // its share of dK and dV into the outputs and each later one into its own slot of these.
+  int64_t backward_chunks;
+  void* dk_parts;
+  void* dv_parts;
+  DType dtype;      // of every tensor but lse (the CPU glue passes fp16/bf16 as fp32)
   int64_t batch, heads, kv_heads, seq_len, n_extra, head_dim;
   int64_t grid_h, grid_w, n_text;
   double radius;    // > 0: circle (window_h == window_w == -1)
@@ -71,50 +71,42 @@ inline std::vector<int64_t> row_half_widths(const Params& p) {
   return half_width;
 }
 
-constexpr int kBlock = 4;  // rows (queries, or keys in the dK/dV pass) the CPU kernels handle together
+constexpr int kBlock = 4;  // query rows the CPU kernels handle together
 
-// Up to kBlock consecutive rows of one kind: text tokens, image tokens of one grid row, or extra
-// tokens (rows >= N; keys only).
+// Up to kBlock consecutive query rows of one kind: text tokens, or image tokens of one grid row.
 struct RowBlock {
   int64_t first, count;
 };
 
-inline std::vector<RowBlock> row_blocks(const Params& p, bool with_extra) {
+inline std::vector<RowBlock> query_blocks(const Params& p) {
   std::vector<RowBlock> blocks;
   auto split = [&](int64_t first, int64_t last) {
     for (int64_t r = first; r < last; r += kBlock) blocks.push_back({r, std::min<int64_t>(kBlock, last - r)});
   };
   split(0, p.n_text);
   for (int64_t y = 0; y < p.grid_h; ++y) split(p.n_text + y * p.grid_w, p.n_text + (y + 1) * p.grid_w);
-  if (with_extra) split(p.seq_len, p.seq_len + p.n_extra);
   return blocks;
 }
 
-// A contiguous run of columns that a row block attends: sequence tokens [first, first + count),
-// or extra tokens when `extra`. Row t of the block admits the columns [lo[t], hi[t]) of the run
-// (lo == hi == 0 for the padding rows t >= block.count).
+// A contiguous run of keys that a query block attends: sequence tokens [first, first + count), or
+// extra tokens when `extra`. Row t of the block admits the keys [lo[t], hi[t]) of the run (lo == hi
+// == 0 for the padding rows t >= block.count).
 struct Segment {
   int64_t first, count;
   bool extra;
   int64_t lo[kBlock], hi[kBlock];
 };
 
-// The segments of a block, in a fixed order. With `query_rows` the rows are queries and the
-// columns keys (image queries also see the extra keys); otherwise the rows are keys and the
-// columns the queries that attend them, which by symmetry are the same sequence segments (and all
-// image queries for an extra key).
+// The segments of a query block, in a fixed order: text queries see every sequence token, image
+// queries the text tokens, the runs of their window on each grid row, and the extra tokens.
 inline void block_segments(const Params& p, const std::vector<int64_t>& half_width, const RowBlock& block,
-                           bool query_rows, std::vector<Segment>& out) {
+                           std::vector<Segment>& out) {
   out.clear();
   auto add_full = [&](int64_t first, int64_t count, bool extra) {
     Segment s{first, count, extra, {}, {}};
     for (int t = 0; t < block.count; ++t) s.hi[t] = count;
     out.push_back(s);
   };
-  if (block.first >= p.seq_len) {  // extra keys: every image query
-    add_full(p.n_text, p.seq_len - p.n_text, false);
-    return;
-  }
   if (block.first < p.n_text) {  // text rows: every sequence token
     add_full(0, p.seq_len, false);
     return;
@@ -133,7 +125,7 @@ inline void block_segments(const Params& p, const std::vector<int64_t>& half_wid
     }
     out.push_back(s);
   }
-  if (query_rows && p.n_extra > 0) add_full(0, p.n_extra, true);
+  if (p.n_extra > 0) add_full(0, p.n_extra, true);
 }
 
 }  // namespace local_window_attention

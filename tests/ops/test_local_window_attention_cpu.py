@@ -31,7 +31,9 @@ CASES = [
     Case(1, 6, 2, 12, (6, 1), 0, 2, radius=2.5, noncontiguous=True),  # one column
     # large logits (scale 1, D = 32: lse ~ 20), where an fp32 lse would cost ~1e-6 in every probability
     Case(1, 2, 1, 32, (16, 12), 20, 4, radius=5.5, scale=1.0),
-    # batch * kv_heads >= 8: the backward in one pass (dK/dV added by each query block)
+    # the text block costs as much as 2.7 chunks of the backward: a chunk without any block
+    Case(1, 1, 1, 8, (16, 16), 4, 0, radius=1),
+    # batch * kv_heads >= 8: the backward in one chunk per kv head
     Case(1, 8, 8, 8, (5, 7), 0, 0, radius=1),
     Case(2, 8, 4, 9, (5, 7), 3, 2, radius=1.5, noncontiguous=True),
     Case(4, 2, 2, 16, (9, 4), 5, 0, window=(1, 2), scale=0.3),
@@ -158,7 +160,7 @@ def test_half_inputs_computed_in_float32(dtype):
 
 
 @pytest.mark.parametrize("c", [Case(1, 2, 2, 16, (5, 13), 0, 0, radius=1), Case(1, 2, 2, 9, (5, 13), 0, 0, radius=1),
-                               Case(2, 8, 4, 16, (5, 13), 0, 0, radius=1)], ids=["two-pass", "odd-d", "one-pass"])
+                               Case(2, 8, 4, 16, (5, 13), 0, 0, radius=1)], ids=["chunks", "odd-d", "one-chunk"])
 def test_a_query_that_attends_only_itself_has_exactly_zero_dq_and_dk(c):
     """P = 1 and out = v exactly, so dS = P (dO . v - dO . out) must be exactly 0: the kernels sum
     the score gradient and delta in the same order (the vector reductions of the scores included)."""
@@ -183,7 +185,7 @@ def test_radius_large_is_full_attention_and_text_rows_ignore_the_window():
 
 
 @pytest.mark.parametrize("c", [Case(2, 4, 2, 16, (11, 9), 7, 3, radius=3.5),
-                               Case(2, 8, 4, 16, (11, 9), 7, 3, radius=3.5)], ids=["two-pass", "one-pass"])
+                               Case(2, 8, 4, 16, (11, 9), 7, 3, radius=3.5)], ids=["two-chunks", "one-chunk"])
 def test_backward_is_deterministic_across_thread_counts(c):
     t = make_inputs(c, torch.float32, seed=8)
     grad_out = make_tensor((c.batch, c.heads, c.seq_len, 16), torch.float32, torch.Generator().manual_seed(9), False)
