@@ -47,6 +47,17 @@ def host_median_ms(fn: Callable[[], object], warmup: int = 20, reps: int = 200) 
     return statistics.median(times)
 
 
+def cpu_median_ms(fn: Callable[[], object], reps: int = 7) -> float:
+    """Median wall time of ``fn`` on the CPU over ``reps`` runs after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
 def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth, counting bytes read plus bytes written."""
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()

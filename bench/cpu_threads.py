@@ -4,21 +4,11 @@ beside the PyTorch op a CPU user would otherwise call where there is one.
 Run: ``python bench/cpu_threads.py OUT.json`` with the extension installed."""
 import json
 import sys
-import time
 
 import torch
+from common import cpu_median_ms
 
 import fewstep
-
-
-def median_ms(fn, reps: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[reps // 2] * 1e3
 
 
 def cases() -> dict:
@@ -67,7 +57,7 @@ def main() -> None:
             for n in sorted({1, threads}):
                 torch.set_num_threads(n)
                 key = f"{name} @ {n} thread" + ("s" if n > 1 else "")
-                results["ms"][key] = median_ms(fn)
+                results["ms"][key] = cpu_median_ms(fn)
                 print(f"{key}: {results['ms'][key]:.2f} ms", flush=True)
     torch.set_num_threads(threads)
     if len(sys.argv) > 1:

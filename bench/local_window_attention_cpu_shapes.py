@@ -5,9 +5,9 @@ thread and at torch's thread count.
 Run: ``python bench/local_window_attention_cpu_shapes.py OUT.json`` with the extension installed."""
 import json
 import sys
-import time
 
 import torch
+from common import cpu_median_ms
 
 import fewstep
 from fewstep.reference.local_window_attention import local_window_mask
@@ -19,16 +19,6 @@ SHAPES = [  # (grid, n_text, heads, head_dim, radius)
     ((64, 64), 128, 4, 64, 8.0),
     ((32, 32), 77, 4, 128, 8.0),
 ]
-
-
-def median_ms(fn, reps: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[reps // 2] * 1e3
 
 
 def forward_backward(attention, q, k, v, grad_out):
@@ -59,8 +49,8 @@ def main(out_path: str) -> None:
                 row = {"grid": list(grid), "n_text": n_text, "heads": heads, "head_dim": head_dim, "radius": radius,
                        "useful": mask.float().mean().item(), "threads": threads}
                 for name, attention in (("fewstep", local), ("sdpa_masked", masked_sdpa)):
-                    row[f"{name}_forward_ms"] = median_ms(lambda: attention(q, k, v))
-                    row[f"{name}_forward_backward_ms"] = median_ms(
+                    row[f"{name}_forward_ms"] = cpu_median_ms(lambda: attention(q, k, v))
+                    row[f"{name}_forward_backward_ms"] = cpu_median_ms(
                         lambda: forward_backward(attention, q, k, v, grad_out))
             finally:
                 torch.set_num_threads(previous)
