@@ -173,6 +173,18 @@ def test_a_query_that_attends_only_itself_has_exactly_zero_dq_and_dk(c):
     torch.testing.assert_close(dv, grad_out.unflatten(1, (c.kv_heads, -1)).sum(2), rtol=0, atol=0)
 
 
+def test_a_nan_key_reaches_exactly_the_queries_that_attend_it():
+    c = Case(1, 2, 1, 16, (6, 9), 3, 0, radius=2.5)
+    t = make_inputs(c, torch.float32, seed=13)
+    t["k"][0, 0, c.n_text + 2 * 9 + 4, 5] = float("nan")  # image token (2, 4)
+    out, _ = run_forward(c, t)
+    ref_out, _, _ = reference(c, t, torch.ones_like(out), torch.float64)
+    nan_rows = torch.isnan(out).any(-1)
+    assert torch.equal(nan_rows, torch.isnan(ref_out).any(-1))
+    assert nan_rows[0, 0, :c.n_text].all() and 1 < nan_rows[0, 0, c.n_text:].sum() < c.grid[0] * c.grid[1]
+    torch.testing.assert_close(out[~nan_rows], ref_out[~nan_rows].float(), rtol=1e-5, atol=1e-6)
+
+
 def test_radius_large_is_full_attention_and_text_rows_ignore_the_window():
     c = Case(1, 2, 2, 8, (6, 7), 5, 0, radius=1.5)
     t = make_inputs(c, torch.float64, seed=7)
